@@ -1,0 +1,1 @@
+"""One module per sub-command group; each defines `register(subparsers)` and sets `func` on its parsers."""
