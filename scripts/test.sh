@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs, then run it: lint, then pytest against the real
+# PostgreSQL and Redis on this machine, real Celery workers, and vLLM (CPU) in its own venv.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/services.sh
+scripts/setup.sh
+if [ -x scripts/setup_vllm_venv.sh ]; then scripts/setup_vllm_venv.sh; fi
+
+.venv/bin/ruff check .
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "test: pytest collected no tests; that is a failure" >&2
+  exit 1
+fi
+exit "$rc"
