@@ -42,8 +42,16 @@ SMALL_PARAM_NUMEL = 1024
 
 
 def adamw_update(
-    p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-    step: Tensor, lr: Tensor, beta1: Tensor, beta2: Tensor, eps: Tensor, wd: Tensor,
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    wd: Tensor,
 ) -> None:
     """Decoupled-weight-decay Adam on one tensor (or one row shard of it), in place.
 
@@ -80,8 +88,16 @@ def polar_express(g: Tensor, steps: int) -> Tensor:
 
 
 def muon_update(
-    grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum_buffer: Tensor,
-    momentum: Tensor, lr: Tensor, wd: Tensor, beta2: Tensor, ns_steps: int, ortho_dtype: torch.dtype,
+    grads: Tensor,
+    params: Tensor,
+    momentum_buffer: Tensor,
+    second_momentum_buffer: Tensor,
+    momentum: Tensor,
+    lr: Tensor,
+    wd: Tensor,
+    beta2: Tensor,
+    ns_steps: int,
+    ortho_dtype: torch.dtype,
 ) -> None:
     """One Muon step on a stack of same-shape matrices (K, m, n); updates `params` in place.
 
@@ -147,8 +163,13 @@ class MuonAdamW(torch.optim.Optimizer):
     group so schedules multiply the peak value.
     """
 
-    def __init__(self, param_groups: list[dict], *, ortho_dtype: torch.dtype = torch.float32,
-                 compile_kernels: bool = False):
+    def __init__(
+        self,
+        param_groups: list[dict],
+        *,
+        ortho_dtype: torch.dtype = torch.float32,
+        compile_kernels: bool = False,
+    ):
         for i, g in enumerate(param_groups):
             if g.get("kind") not in ("adamw", "muon"):
                 raise ValueError(f"param_groups[{i}].kind must be 'adamw' or 'muon', got {g.get('kind')!r}")
@@ -201,7 +222,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # Phase 2: update the owned shard, launch gathers ----------------------------------------
     def _step_adamw(self, group: dict, infos: list[dict], rank: int, world: int, gathers: list) -> None:
-        for p, info in zip(group["params"], infos):
+        for p, info in zip(group["params"], infos, strict=True):
             if info["work"] is not None:
                 info["work"].wait()
             rows = p.shape[0] // world
@@ -213,9 +234,16 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p_view)
             state["step"] += 1
             self._adamw(
-                p_view, info["grad"], state["exp_avg"], state["exp_avg_sq"],
-                self._scalar(state["step"]), self._scalar(group["lr"]), self._scalar(group["betas"][0]),
-                self._scalar(group["betas"][1]), self._scalar(group["eps"]), self._scalar(group["weight_decay"]),
+                p_view,
+                info["grad"],
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                self._scalar(state["step"]),
+                self._scalar(group["lr"]),
+                self._scalar(group["betas"][0]),
+                self._scalar(group["betas"][1]),
+                self._scalar(group["eps"]),
+                self._scalar(group["weight_decay"]),
             )
             if info["sharded"]:
                 gathers.append(dict(work=_all_gather(p, p_view, async_op=True), params=None))
@@ -238,12 +266,16 @@ class MuonAdamW(torch.optim.Optimizer):
         if owned > 0:
             stacked = torch.stack(params[start : start + owned])
             self._muon(
-                info["grads"][:owned], stacked,
-                state["momentum_buffer"][:owned], state["second_momentum_buffer"][:owned],
+                info["grads"][:owned],
+                stacked,
+                state["momentum_buffer"][:owned],
+                state["second_momentum_buffer"][:owned],
                 self._scalar(group["momentum"]),
                 self._scalar(group["lr"] * max(1.0, rows / cols) ** 0.5),
-                self._scalar(group["weight_decay"]), self._scalar(group["beta2"]),
-                group["ns_steps"], self.ortho_dtype,
+                self._scalar(group["weight_decay"]),
+                self._scalar(group["beta2"]),
+                group["ns_steps"],
+                self.ortho_dtype,
             )
         if info["buf"] is None:
             gathers.append(dict(work=None, params=params, stacked=stacked))
@@ -252,7 +284,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if owned > 0:
             mine[:owned].copy_(stacked)
         # The reduce buffer is free again: reuse it as the gather destination.
-        gathers.append(dict(work=_all_gather(info["buf"], mine, async_op=True), params=params, stacked=info["buf"]))
+        gathers.append(
+            dict(work=_all_gather(info["buf"], mine, async_op=True), params=params, stacked=info["buf"])
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
@@ -264,7 +298,7 @@ class MuonAdamW(torch.optim.Optimizer):
             for g in self.param_groups
         ]
         gathers: list[dict] = []
-        for group, info in zip(self.param_groups, reduces):
+        for group, info in zip(self.param_groups, reduces, strict=True):
             if group["kind"] == "adamw":
                 self._step_adamw(group, info, rank, world, gathers)
             else:
@@ -316,8 +350,9 @@ def _classify(name: str) -> str:
     raise ValueError(f"parameter {name!r} has no optimizer group (unknown to MuonAdamW grouping)")
 
 
-def build_param_groups(model: nn.Module, cfg: OptimizerConfig, *, lr_scale: float = 1.0,
-                       weight_decay: float | None = None) -> list[dict]:
+def build_param_groups(
+    model: nn.Module, cfg: OptimizerConfig, *, lr_scale: float = 1.0, weight_decay: float | None = None
+) -> list[dict]:
     """The reference grouping. `lr_scale` is the batch-size LR correction (sqrt(B / 2**19)),
     `weight_decay` the already-scaled Muon weight decay (defaults to cfg.weight_decay)."""
     buckets: dict[str, list[nn.Parameter]] = {}
@@ -338,14 +373,31 @@ def build_param_groups(model: nn.Module, cfg: OptimizerConfig, *, lr_scale: floa
     groups: list[dict] = []
     for key, lr, betas, gwd in adamw:
         if buckets.get(key):
-            groups.append(dict(kind="adamw", name=key, params=buckets[key], lr=lr, betas=betas,
-                               eps=1e-10, weight_decay=gwd))
+            groups.append(
+                dict(
+                    kind="adamw",
+                    name=key,
+                    params=buckets[key],
+                    lr=lr,
+                    betas=betas,
+                    eps=1e-10,
+                    weight_decay=gwd,
+                )
+            )
     matrices = buckets.get("muon", [])
     for shape in sorted({tuple(p.shape) for p in matrices}):
-        groups.append(dict(kind="muon", name=f"muon_{shape[0]}x{shape[1]}",
-                           params=[p for p in matrices if tuple(p.shape) == shape],
-                           lr=cfg.matrix_lr * lr_scale, momentum=0.95, ns_steps=5, beta2=0.9,
-                           weight_decay=wd))
+        groups.append(
+            dict(
+                kind="muon",
+                name=f"muon_{shape[0]}x{shape[1]}",
+                params=[p for p in matrices if tuple(p.shape) == shape],
+                lr=cfg.matrix_lr * lr_scale,
+                momentum=0.95,
+                ns_steps=5,
+                beta2=0.9,
+                weight_decay=wd,
+            )
+        )
     return groups
 
 

@@ -61,18 +61,19 @@ def test_muon_matches_reference_per_matrix():
         params = [torch.nn.Parameter(torch.randn(shape) * 0.1) for _ in range(3)]
         ref = [p.detach().clone() for p in params]
         ref_states = [{} for _ in ref]
-        opt = MuonAdamW([dict(kind="muon", params=params, lr=0.02, momentum=0.9, ns_steps=5,
-                              beta2=0.9, weight_decay=0.2)])
+        opt = MuonAdamW(
+            [dict(kind="muon", params=params, lr=0.02, momentum=0.9, ns_steps=5, beta2=0.9, weight_decay=0.2)]
+        )
         for step in range(6):
             grads = [torch.randn(shape) for _ in params]
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g.clone()
             mom = 0.85 + 0.02 * step  # schedule changes must be honoured every step
             opt.param_groups[0]["momentum"] = mom
             opt.step()
-            for r, s, g in zip(ref, ref_states, grads):
+            for r, s, g in zip(ref, ref_states, grads, strict=True):
                 reference_muon_step(r, g, s, lr=0.02, momentum=mom, wd=0.2, beta2=0.9)
-        for p, r in zip(params, ref):
+        for p, r in zip(params, ref, strict=True):
             torch.testing.assert_close(p.detach(), r, rtol=2e-4, atol=2e-5)
             assert not torch.equal(p.detach(), torch.zeros(shape))
 
@@ -81,7 +82,9 @@ def test_adamw_matches_torch_adamw():
     torch.manual_seed(1)
     p = torch.nn.Parameter(torch.randn(64, 8))
     q = torch.nn.Parameter(p.detach().clone())
-    ours = MuonAdamW([dict(kind="adamw", params=[p], lr=3e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)])
+    ours = MuonAdamW(
+        [dict(kind="adamw", params=[p], lr=3e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)]
+    )
     ref = torch.optim.AdamW([q], lr=3e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)
     for _ in range(8):
         g = torch.randn(64, 8)
@@ -104,7 +107,9 @@ def test_polar_express_orthogonalizes_rectangular():
 def test_muon_group_rejects_mixed_shapes_and_unknown_kind():
     a, b = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4, 8))
     with pytest.raises(ValueError, match="single shape"):
-        MuonAdamW([dict(kind="muon", params=[a, b], lr=0.1, momentum=0.9, ns_steps=5, beta2=0.9, weight_decay=0)])
+        MuonAdamW(
+            [dict(kind="muon", params=[a, b], lr=0.1, momentum=0.9, ns_steps=5, beta2=0.9, weight_decay=0)]
+        )
     with pytest.raises(ValueError, match="kind"):
         MuonAdamW([dict(kind="sgd", params=[a], lr=0.1)])
 
@@ -114,35 +119,47 @@ def test_optimizer_state_dict_round_trip_continues_identically():
 
     def make():
         torch.manual_seed(4)
-        ps = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(32, 4))]
-        return ps, MuonAdamW([
-            dict(kind="muon", params=ps[:2], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.1),
-            dict(kind="adamw", params=ps[2:], lr=1e-2, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
-        ])
+        ps = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(2)] + [
+            torch.nn.Parameter(torch.randn(32, 4))
+        ]
+        return ps, MuonAdamW(
+            [
+                dict(
+                    kind="muon",
+                    params=ps[:2],
+                    lr=0.02,
+                    momentum=0.95,
+                    ns_steps=5,
+                    beta2=0.9,
+                    weight_decay=0.1,
+                ),
+                dict(kind="adamw", params=ps[2:], lr=1e-2, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+            ]
+        )
 
     grads = [[torch.randn(8, 16), torch.randn(8, 16), torch.randn(32, 4)] for _ in range(6)]
     ps, opt = make()
     for gs in grads:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         opt.step()
     ps2, opt2 = make()
     for gs in grads[:3]:
-        for p, g in zip(ps2, gs):
+        for p, g in zip(ps2, gs, strict=True):
             p.grad = g.clone()
         opt2.step()
     saved = opt2.state_dict()
     snapshot = [p.detach().clone() for p in ps2]
     ps3, opt3 = make()
     with torch.no_grad():
-        for p, s in zip(ps3, snapshot):
+        for p, s in zip(ps3, snapshot, strict=True):
             p.copy_(s)
     opt3.load_state_dict(saved)
     for gs in grads[3:]:
-        for p, g in zip(ps3, gs):
+        for p, g in zip(ps3, gs, strict=True):
             p.grad = g.clone()
         opt3.step()
-    for a, b in zip(ps, ps3):
+    for a, b in zip(ps, ps3, strict=True):
         assert torch.equal(a.detach(), b.detach())
 
 
@@ -170,10 +187,12 @@ def test_schedule_values():
 def test_apply_schedule_scales_from_initial_lr():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     q = torch.nn.Parameter(torch.zeros(3))
-    opt = MuonAdamW([
-        dict(kind="muon", params=[p], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.3),
-        dict(kind="adamw", params=[q], lr=0.5, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
-    ])
+    opt = MuonAdamW(
+        [
+            dict(kind="muon", params=[p], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.3),
+            dict(kind="adamw", params=[q], lr=0.5, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+        ]
+    )
     sched = Schedule(num_iterations=100, weight_decay=0.3)
     apply_schedule(opt, sched, 0)
     apply_schedule(opt, sched, 0)  # idempotent: scales the recorded peak, not the current value
@@ -269,6 +288,6 @@ def test_distributed_matches_single_process(tmp_path):
             p.grad = sum(_grad(step, r, p.shape, i) for r in range(WORLD)) / WORLD
         opt.step()
     start, _ = _make_params()
-    for p, d, s in zip(params, dist_params, start):
+    for p, d, s in zip(params, dist_params, start, strict=True):
         torch.testing.assert_close(d, p.detach(), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(d, s.detach())  # something actually moved
