@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=120, description="Worker lease TTL; renewed by heartbeat")
     cancel_grace_seconds: float = Field(default=20.0, description="Cooperative stop -> SIGTERM -> SIGKILL")
     reconcile_interval_seconds: float = 15.0
+    visibility_timeout_seconds: int = Field(
+        default=6 * 3600, description="Broker redelivery delay for unacked tasks; > any stage step"
+    )
 
     # --- inference ---------------------------------------------------------------------------
     inference_engine: Literal["auto", "vllm", "native"] = "auto"
