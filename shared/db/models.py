@@ -1,0 +1,209 @@
+"""Run-registry tables (SQLAlchemy 2 typed declarative); the same schema on PostgreSQL and SQLite.
+
+The registry is the source of truth for every job: what was asked (the spec), where it is (status,
+current stage, progress), what it produced (checkpoints, artifacts, eval results) and who is
+working on it (a lease row). Alembic migrations in services/api/migrations create exactly these
+tables; nothing creates them at application start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# --- vocabularies --------------------------------------------------------------------------------
+JOB_KINDS = ("pipeline", "pretrain", "sft", "eval")
+JOB_STATUSES = ("queued", "running", "cancelling", "cancelled", "succeeded", "failed")
+TERMINAL_STATUSES = frozenset({"cancelled", "succeeded", "failed"})
+STAGE_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "skipped")
+CHECKPOINT_KINDS = ("base", "sft")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC timestamps on both backends.
+
+    SQLite has no timezone type and hands back naive datetimes, which then refuse to compare with
+    aware ones; storing naive UTC and re-attaching UTC on the way out keeps comparisons (lease
+    expiry) correct everywhere.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to the registry; use UTC-aware datetimes")
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_job_id)
+    kind: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    current_stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    # Progress of the running stage, overwritten in place; the history lives in `metrics`.
+    step: Mapped[int | None] = mapped_column(Integer, default=None)
+    total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
+    loss: Mapped[float | None] = mapped_column(Float, default=None)
+    tokens_per_sec: Mapped[float | None] = mapped_column(Float, default=None)
+    mfu: Mapped[float | None] = mapped_column(Float, default=None)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    peak_memory: Mapped[int | None] = mapped_column(BigInteger, default=None)  # bytes
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Per-job event sequence counter, bumped atomically by add_event (see registry.add_event).
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    stages: Mapped[list[Stage]] = relationship(
+        back_populates="job", order_by="Stage.order", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class Stage(Base):
+    __tablename__ = "stages"
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_stages_job_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    order: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+    job: Mapped[Job] = relationship(back_populates="stages")
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per job: the SSE id and paging cursor
+    ts: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    type: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class Metric(Base):
+    """One scalar of a time series: (job, stage, step, name) -> value."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (Index("ix_metrics_job_name_step", "job_id", "name", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    step: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    ts: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "kind", "step", name="uq_checkpoints_job_kind_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(8))  # base | sft
+    val_bpb: Mapped[float | None] = mapped_column(Float, default=None)
+    files: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(32))  # e.g. tokenizer, export, report, corpus
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkerLease(Base):
+    """Who is working on a job. One row per job; taken over only once it has expired."""
+
+    __tablename__ = "worker_leases"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class EvalResult(Base):
+    __tablename__ = "eval_results"
+    __table_args__ = (Index("ix_eval_results_job", "job_id", "stage", "checkpoint_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer, default=None)
+    task: Mapped[str] = mapped_column(String(128))
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

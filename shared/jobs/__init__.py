@@ -1,0 +1,1 @@
+"""Job schemas and queue names shared by the API and the workers."""
