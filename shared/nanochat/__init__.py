@@ -1,0 +1,1 @@
+"""The nanochat ML core: model, tokenizer, data, training, evaluation (no services code here)."""

@@ -1,0 +1,233 @@
+"""Exact causal attention with per-layer sliding windows, on the fastest kernel a device has.
+
+All entry points take and return FlashAttention's layout, (B, T, H, D), with k/v possibly having
+fewer heads (GQA). Window convention (FlashAttention's `window_size=(w, 0)`): a query at absolute
+position i sees keys j with `i - w <= j <= i`. A window >= the key length is full causal.
+
+Backends, all exact (same math, different kernels):
+- "fa3":   FlashAttention-3 (`flash_attn_interface`), Hopper; native windows and KV cache.
+- "flash": `flash_attn` (CUDA FA2, or ROCm's CK / Triton builds); native windows and KV cache.
+- "sdpa":  PyTorch SDPA. Full-causal layers use `is_causal` (flash / AOTriton kernels on GPU);
+           windowed layers fall back to an explicit boolean mask (slow on GPU: memory-bound).
+- "flex":  SDPA for full-causal layers, FlexAttention with a cached sliding-window BlockMask for
+           windowed layers, so masked-out tiles are skipped instead of computed.
+- "math":  plain softmax(QK^T)V in fp32 with an explicit mask: the reference the others are
+           tested against (and the CPU fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("fa3", "flash", "flex", "sdpa", "math")
+
+
+# --- availability ----------------------------------------------------------------------------------
+@functools.cache
+def _fa3_module():
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        return None
+    try:
+        import flash_attn_interface  # type: ignore[import-not-found]
+    except Exception:  # a broken build must not take the model down; the next backend is exact too
+        return None
+    return flash_attn_interface
+
+
+@functools.cache
+def _flash_module():
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        import flash_attn  # type: ignore[import-not-found]
+    except Exception:
+        return None
+    return flash_attn
+
+
+@functools.cache
+def _flex_fn():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except Exception:
+        return None
+    return flex_attention
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def _is_hopper(device: torch.device | str) -> bool:
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(dev)[0] == 9
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on `device`, fastest first."""
+    dev_type = _device_type(device)
+    out: list[str] = []
+    if dev_type == "cuda":
+        if _is_hopper(device) and _fa3_module() is not None:
+            out.append("fa3")
+        if _flash_module() is not None:
+            out.append("flash")
+        if _flex_fn() is not None:
+            out.append("flex")
+        out.append("sdpa")
+    elif dev_type == "cpu":
+        out.append("sdpa")
+        if _flex_fn() is not None:
+            out.append("flex")
+    else:
+        out.append("sdpa")
+    out.append("math")
+    return out
+
+
+def select_backend(
+    device: torch.device | str,
+    window: int | None = None,
+    seq_len: int | None = None,
+    requested: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Pick a backend for one layer. `requested` is a backend name or "auto".
+
+    "auto" prefers the flash kernels on GPU (they need fp16/bf16), then FlexAttention for windowed
+    layers (full layers inside "flex" go to SDPA anyway), then SDPA. On CPU: SDPA.
+    """
+    avail = available_backends(device)
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"attn_backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
+        if requested not in avail:
+            raise ValueError(f"attn_backend {requested!r} is not available on {device}; available: {avail}")
+        return requested
+    half = dtype in (torch.float16, torch.bfloat16) if dtype is not None else True
+    for name in avail:
+        if name in ("fa3", "flash") and half:
+            return name
+        if name == "flex" and _device_type(device) == "cuda":
+            windowed = window is not None and seq_len is not None and window < seq_len - 1
+            return "flex" if windowed else "sdpa"
+        if name == "sdpa":
+            return "sdpa"
+    return "math"
+
+
+# --- masks -----------------------------------------------------------------------------------------
+def causal_window_mask(tq: int, tk: int, window: int, device, q_offset: int | None = None) -> torch.Tensor:
+    """Boolean (tq, tk) mask, True = attend. Queries sit at the last tq positions by default."""
+    offset = tk - tq if q_offset is None else q_offset
+    rows = offset + torch.arange(tq, device=device).unsqueeze(1)
+    cols = torch.arange(tk, device=device).unsqueeze(0)
+    return (cols <= rows) & (rows - cols <= window)
+
+
+@functools.lru_cache(maxsize=32)
+def _sliding_block_mask(t: int, window: int, device_str: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    return create_block_mask(mask_mod, None, None, t, t, device=device_str)
+
+
+# --- kernels ---------------------------------------------------------------------------------------
+def _math(q, k, v, window: int, q_offset: int) -> torch.Tensor:
+    # (B, T, H, D) in; computed in fp32 so it can serve as the ground truth for lower precisions.
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    qf, kf, vf = (x.transpose(1, 2).float() for x in (q, k, v))
+    if hkv != h:
+        kf = kf.repeat_interleave(h // hkv, dim=1)
+        vf = vf.repeat_interleave(h // hkv, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) / math.sqrt(d)
+    mask = causal_window_mask(tq, tk, window, q.device, q_offset)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    y = torch.softmax(scores, dim=-1) @ vf
+    return y.transpose(1, 2).to(q.dtype)
+
+
+def _sdpa(q, k, v, window: int, q_offset: int) -> torch.Tensor:
+    tq, tk = q.shape[1], k.shape[1]
+    gqa = q.shape[2] != k.shape[2]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    full = q_offset + tq - 1 <= window  # no query is old enough to lose a key to the window
+    if full and q_offset == 0 and tq == tk:
+        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+    elif tq == 1:
+        # Single-token decode: every cached key up to the query is visible; just trim the window.
+        start = max(0, q_offset - window)
+        y = F.scaled_dot_product_attention(qt, kt[:, :, start:], vt[:, :, start:], enable_gqa=gqa)
+    else:
+        mask = causal_window_mask(tq, tk, window, q.device, q_offset)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def _flex(q, k, v, window: int, q_offset: int) -> torch.Tensor:
+    tq, tk = q.shape[1], k.shape[1]
+    if q_offset != 0 or tq != tk or window >= tq - 1:
+        # FlexAttention pays off only for windowed training/prefill; everything else is SDPA.
+        return _sdpa(q, k, v, window, q_offset)
+    block_mask = _sliding_block_mask(tq, window, str(q.device))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    with warnings.catch_warnings():
+        # Eager (uncompiled) flex warns on CPU; the result is still exact.
+        warnings.simplefilter("ignore", UserWarning)
+        y = _flex_fn()(qt, kt, vt, block_mask=block_mask, enable_gqa=q.shape[2] != k.shape[2])
+    return y.transpose(1, 2)
+
+
+def _fa_window(window: int, tk: int) -> tuple[int, int]:
+    return (-1, 0) if window >= tk - 1 else (window, 0)
+
+
+def attention(q, k, v, *, window: int, backend: str = "sdpa", q_offset: int = 0) -> torch.Tensor:
+    """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, Hkv, D); queries start at q_offset."""
+    if backend == "math":
+        return _math(q, k, v, window, q_offset)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, window, q_offset)
+    if backend == "flex":
+        return _flex(q, k, v, window, q_offset)
+    if backend in ("fa3", "flash"):
+        if q_offset != 0 or q.shape[1] != k.shape[1]:
+            return _sdpa(q, k, v, window, q_offset)
+        mod = _fa3_module() if backend == "fa3" else _flash_module()
+        out = mod.flash_attn_func(q, k, v, causal=True, window_size=_fa_window(window, k.shape[1]))
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def attention_with_cache(
+    q, k, v, k_cache, v_cache, pos: int, *, window: int, backend: str = "sdpa"
+) -> torch.Tensor:
+    """Decode/prefill step: write k, v (B, Tq, Hkv, D) into the caches (B, Tmax, Hkv, D) at `pos`,
+    then attend q (absolute positions pos..pos+Tq-1) over everything cached so far."""
+    tq = q.shape[1]
+    end = pos + tq
+    if end > k_cache.shape[1]:
+        raise ValueError(f"KV cache overflow: position {end} > cache length {k_cache.shape[1]}")
+    if backend in ("fa3", "flash"):
+        mod = _fa3_module() if backend == "fa3" else _flash_module()
+        seqlens = torch.full((q.shape[0],), pos, dtype=torch.int32, device=q.device)
+        out = mod.flash_attn_with_kvcache(
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True,
+            window_size=_fa_window(window, end),
+        )
+        return out[0] if isinstance(out, tuple) else out
+    k_cache[:, pos:end] = k
+    v_cache[:, pos:end] = v
+    return attention(q, k_cache[:, :end], v_cache[:, :end], window=window, backend=backend, q_offset=pos)
