@@ -1,0 +1,97 @@
+"""GSM8K answer extraction and the HumanEval sandbox."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.nanochat.eval.chat import humaneval_passes
+from shared.nanochat.eval.gsm8k import extract_answer, is_correct, normalize_number, solution_to_parts
+from shared.nanochat.eval.sandbox import SandboxLimits, run_program
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so she earns 10.\n#### 10", "10"),
+        ("#### 1,234", "1234"),
+        ("#### -7", "-7"),
+        ("#### 3.50", "3.5"),
+        ("#### 4.0", "4"),
+        ("#### $18", "18"),
+        ("The answer is 12", None),
+        ("#### 5 then #### 6", "5"),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_normalize_and_compare():
+    assert normalize_number("1,000.50") == "1000.5"
+    assert normalize_number("abc") is None
+    assert is_correct("work...\n#### 1,000", "x <<2*500=1000>>1000\n#### 1000")
+    assert not is_correct("#### 999", "#### 1000")
+    with pytest.raises(ValueError, match="####"):
+        is_correct("#### 1", "no marker here")
+
+
+def test_solution_to_tool_calls():
+    parts = solution_to_parts("She has 2*3=<<2*3=6>>6 eggs.\n#### 6")
+    assert parts == [
+        {"type": "text", "text": "She has 2*3="},
+        {"type": "python", "text": "2*3"},
+        {"type": "python_output", "text": "6"},
+        {"type": "text", "text": "6 eggs.\n#### 6"},
+    ]
+
+
+FAST = SandboxLimits(wall_seconds=3.0, cpu_seconds=2, memory_bytes=512 * 1024 * 1024)
+
+
+def test_sandbox_pass_and_fail():
+    assert run_program("print('ok')", FAST).status == "passed"
+    r = run_program("assert 1 == 2", FAST)
+    assert r.status == "failed" and "AssertionError" in r.stderr
+
+
+def test_sandbox_kills_loop_and_sleeper():
+    assert run_program("while True:\n    pass\n", FAST).status == "timeout"
+    # a sleeping program uses no CPU: the wall clock kills its whole process group
+    assert run_program("import time\ntime.sleep(60)\n", SandboxLimits(wall_seconds=1.0)).status == "timeout"
+
+
+def test_sandbox_stops_memory_eater():
+    r = run_program("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", FAST)
+    assert r.status == "memory" and not r.success
+
+
+def test_sandbox_blocks_writes_outside(tmp_path):
+    target = tmp_path / "outside.txt"
+    for code in (
+        f"open({str(target)!r}, 'w').write('x')",
+        f"import os\nos.system('touch {target}')",
+        f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
+        f"import os\nos.remove({str(Path(__file__))!r})",
+    ):
+        assert run_program(code, FAST).status == "failed", code
+    assert not target.exists() and Path(__file__).exists()
+    # inside its own temp dir (cwd, HOME, TMPDIR) it may write freely
+    code = "import os, tempfile\nopen('a.txt', 'w').write('x')\nopen(os.path.join(os.environ['HOME'], 'b'), 'w')\ntempfile.mkstemp()\nprint(os.getcwd())"
+    r = run_program(code, FAST)
+    assert r.status == "passed" and not os.path.exists(r.stdout.strip())  # temp dir removed afterwards
+    big = run_program("open('big', 'wb').write(b'x' * (10 * 1024 * 1024))", FAST)
+    assert big.status != "passed"  # RLIMIT_FSIZE
+
+
+def test_humaneval_grading():
+    conv = {
+        "prompt": "from typing import List\n\n\ndef add(a: int, b: int):\n",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+        "entry_point": "add",
+    }
+    assert humaneval_passes(conv, "```python\ndef add(a: int, b: int):\n    return a + b\n```", FAST)
+    assert not humaneval_passes(conv, "def add(a, b):\n    return a - b\n", FAST)
+    assert not humaneval_passes(conv, "def add(a, b):\n    while True: pass\n", FAST)
