@@ -266,6 +266,7 @@ def _worker(rank, port, out_path):
         # sharded state: each rank holds only its slice of the big AdamW tensor
         big_state = opt.state[params[0]]["exp_avg"]
         assert big_state.shape[0] == params[0].shape[0] // WORLD
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
