@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_url: str | None = Field(default=None, description="Where clients (CLI) reach the API")
     api_token: str | None = Field(default=None, description="Bearer token; unset = local-only API")
+    api_allow_remote_without_token: bool = Field(
+        default=False, description="Serve non-loopback clients without NCP_API_TOKEN (trusted networks only)"
+    )
 
     # --- workers -----------------------------------------------------------------------------
     worker_queues: str = Field(default="data,train,eval", description="Comma list of queues to consume")
