@@ -363,3 +363,7 @@ def demo_spec(**overrides: Any) -> JobSpec:
 
 
 PRESETS = {"demo": demo_spec}
+
+# The request body of POST /jobs is a job spec; the name follows the API's schema families
+# (JobCreate in, JobPublic/JobsPublic out).
+JobCreate = JobSpec
