@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = 0.9
     vllm_max_model_len: int | None = None
 
+    # --- Kubernetes multi-node training (services/train_worker/k8s.py) ------------------------
+    k8s_api_url: str = Field(
+        default="https://kubernetes.default.svc", description="Kubernetes API server the train worker calls"
+    )
+    k8s_namespace: str = Field(default="", description="Namespace for training Jobs; '' = the pod's own")
+    k8s_train_image: str = Field(default="", description="Image of multi-node training pods; '' = disabled")
+    k8s_gpu_resource: str = Field(default="amd.com/gpu", description="Extended resource name of one GPU")
+    k8s_checkpoint_claim: str = Field(default="", description="PVC mounted at NCP_HOME in training pods")
+    k8s_config_map: str = Field(default="", description="ConfigMap of NCP_* env given to training pods")
+    k8s_rdzv_port: int = Field(default=29500, description="torchrun c10d rendezvous port")
+
     # --- ROCm / CUDA process environment -----------------------------------------------------
     rocm_env_defaults: bool = Field(default=True, description="Apply the MI300X env defaults (docs/deploy.md)")
 
