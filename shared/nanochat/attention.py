@@ -224,7 +224,13 @@ def attention_with_cache(
         mod = _fa3_module() if backend == "fa3" else _flash_module()
         seqlens = torch.full((q.shape[0],), pos, dtype=torch.int32, device=q.device)
         out = mod.flash_attn_with_kvcache(
-            q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True,
+            q,
+            k_cache,
+            v_cache,
+            k=k,
+            v=v,
+            cache_seqlens=seqlens,
+            causal=True,
             window_size=_fa_window(window, end),
         )
         return out[0] if isinstance(out, tuple) else out

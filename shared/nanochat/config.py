@@ -41,18 +41,16 @@ class GPTConfig:
                 f"special tokens), got {self.vocab_size}"
             )
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
-            raise ValueError(
-                f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})"
-            )
+            raise ValueError(f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2 != 0:
             # RoPE rotates channel pairs.
             raise ValueError(f"GPTConfig.n_embd / n_head must be even for RoPE, got {self.head_dim}")
         if not isinstance(self.window_pattern, str) or not self.window_pattern:
-            raise ValueError(f"GPTConfig.window_pattern must be a non-empty string, got {self.window_pattern!r}")
+            raise ValueError(
+                f"GPTConfig.window_pattern must be a non-empty string, got {self.window_pattern!r}"
+            )
         bad = sorted({c for c in self.window_pattern.upper() if c not in WINDOW_CHARS})
         if bad:
             raise ValueError(

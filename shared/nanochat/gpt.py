@@ -53,7 +53,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = 1.0 / (
+        ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
@@ -69,7 +71,9 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(config.n_embd, config.kv_dim)
         self.c_v = Linear(config.n_embd, config.kv_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
-        self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if config.has_value_embed(layer_idx) else None
+        self.ve_gate = (
+            Linear(VE_GATE_CHANNELS, config.n_kv_head) if config.has_value_embed(layer_idx) else None
+        )
 
     def forward(self, x, ve, cos, sin, window: int, backend: str, kv_cache=None) -> torch.Tensor:
         b, t, _ = x.shape  # x is the block's normalized input (B, T, C)
@@ -112,8 +116,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, *, attn_backend: str = "auto",
-                 compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, config: GPTConfig, *, attn_backend: str = "auto", compute_dtype: torch.dtype | None = None
+    ) -> None:
         """`compute_dtype`: activation dtype (e.g. bf16); None = the embedding's dtype (fp32 default).
         With bf16/fp32 compute, init_weights stores the embeddings in it, as the reference does."""
         super().__init__()
@@ -122,19 +127,25 @@ class GPT(nn.Module):
         self.compute_dtype = compute_dtype
         self.windows = config.window_sizes()
         pv = config.padded_vocab_size
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(pv, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(pv, config.n_embd),
+                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            }
+        )
         self.lm_head = Linear(config.n_embd, pv)
         self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
         self.smear_lambda = nn.Parameter(torch.empty(1))
         self.backout_lambda = nn.Parameter(torch.empty(1))
-        self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(pv, config.kv_dim) for i in range(config.n_layer) if config.has_value_embed(i)
-        })
+        self.value_embeds = nn.ModuleDict(
+            {
+                str(i): nn.Embedding(pv, config.kv_dim)
+                for i in range(config.n_layer)
+                if config.has_value_embed(i)
+            }
+        )
         # Derived from the config, so not saved (the reference's checkpoints do not hold them either).
         rot_len = config.sequence_len * ROTARY_OVERCOMPUTE
         half = config.head_dim // 2
@@ -208,8 +219,13 @@ class GPT(nn.Module):
         return x + gate * torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
-                loss_reduction: str = "mean") -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache=None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
         """idx (B, T) int64. With targets: cross-entropy (ignore_index=-1) with `loss_reduction`.
         Without: logits (B, T, vocab_size) fp32. With `kv_cache` (engine.KVCache) the tokens are
         appended at the cache's position and the cache advances by T."""
@@ -220,8 +236,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         dtype = self.compute_dtype or x.dtype
         x = norm(x.to(dtype))  # (B, T, C)
-        cos = self.cos[:, pos:pos + t].to(dtype)
-        sin = self.sin[:, pos:pos + t].to(dtype)
+        cos = self.cos[:, pos : pos + t].to(dtype)
+        sin = self.sin[:, pos : pos + t].to(dtype)
 
         if kv_cache is None:
             x = self._smear(x, None)
@@ -263,8 +279,16 @@ class GPT(nn.Module):
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "lm_head": self.lm_head.weight.numel(),
             "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
-            "scalars": sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
-                                               self.smear_lambda, self.backout_lambda)),
+            "scalars": sum(
+                p.numel()
+                for p in (
+                    self.resid_lambdas,
+                    self.x0_lambdas,
+                    self.smear_gate.weight,
+                    self.smear_lambda,
+                    self.backout_lambda,
+                )
+            ),
         }
         counts["total"] = sum(counts.values())
         if counts["total"] != sum(p.numel() for p in self.parameters()):
