@@ -1,0 +1,184 @@
+"""Which accelerator we run on, how its process environment is set up, and distributed init.
+
+ROCm builds of PyTorch present AMD GPUs as "cuda" devices; `torch.version.hip` tells them apart.
+The MI300X environment defaults come from the seed document (the user's working setup): they are
+applied only where the variable is unset, so an operator's explicit value always wins, and they
+must be applied before the first GPU allocation (the caching allocator reads its config once).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from shared.nanochat import sizing
+
+ROCM_ENV_DEFAULTS = {
+    # Kernel arguments in device memory: lower launch latency on MI300X.
+    "HIP_FORCE_DEV_KERNARG": "1",
+    # Fewer OOMs from fragmentation with the long-lived, variably sized activations of training.
+    "PYTORCH_ALLOC_CONF": "expandable_segments:True",
+}
+CUDA_ENV_DEFAULTS = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str  # torch device type: "cuda" (also ROCm), "mps" or "cpu"
+    backend: str  # "cuda", "rocm", "mps" or "cpu"
+    name: str  # e.g. "AMD Instinct MI300X", "cpu"
+    gpu_key: str  # sizing.PEAK_FLOPS key; "cpu" when unknown
+    count: int  # visible accelerators (1 for cpu/mps)
+
+    @property
+    def peak_flops(self) -> float | None:
+        return sizing.PEAK_FLOPS.get(self.gpu_key)
+
+
+def detect_device(requested: str = "auto") -> DeviceInfo:
+    """requested: "auto" (GPU if present, then MPS, then CPU), "cuda", "rocm", "mps" or "cpu"."""
+    if requested not in ("auto", "cuda", "rocm", "mps", "cpu"):
+        raise ValueError(f"device must be one of auto/cuda/rocm/mps/cpu, got {requested!r}")
+    gpu = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested in ("cuda", "rocm") and not gpu:
+        raise ValueError(f"device {requested!r} requested but torch sees no GPU (torch {torch.__version__})")
+    if requested == "mps" and not mps:
+        raise ValueError("device 'mps' requested but MPS is not available")
+    if requested in ("auto", "cuda", "rocm") and gpu:
+        rocm = torch.version.hip is not None
+        if requested == "rocm" and not rocm:
+            raise ValueError("device 'rocm' requested but this torch is a CUDA build")
+        name = torch.cuda.get_device_name(0)
+        return DeviceInfo(
+            "cuda", "rocm" if rocm else "cuda", name, sizing.gpu_key(name) or "cpu", torch.cuda.device_count()
+        )
+    if requested in ("auto", "mps") and mps:
+        return DeviceInfo("mps", "mps", "mps", "cpu", 1)
+    return DeviceInfo("cpu", "cpu", "cpu", "cpu", 1)
+
+
+def is_rocm_build() -> bool:
+    return torch.version.hip is not None
+
+
+def apply_env_defaults(
+    env: MutableMapping[str, str] | None = None,
+    *,
+    rocm: bool | None = None,
+    hsa_override_gfx_version: str | None = None,
+) -> dict[str, str]:
+    """Set the vendor env defaults where unset; returns what was set. HSA_OVERRIDE_GFX_VERSION is
+    only set when asked for (it makes ROCm treat the GPU as another gfx target)."""
+    env = os.environ if env is None else env
+    rocm = is_rocm_build() if rocm is None else rocm
+    wanted = dict(ROCM_ENV_DEFAULTS if rocm else CUDA_ENV_DEFAULTS)
+    if hsa_override_gfx_version:
+        wanted["HSA_OVERRIDE_GFX_VERSION"] = hsa_override_gfx_version
+    applied = {}
+    for key, value in wanted.items():
+        if key not in env:
+            env[key] = value
+            applied[key] = value
+    return applied
+
+
+def visible_devices_env(gpus: str | list[int]) -> dict[str, str]:
+    """Environment that pins a child process to `gpus` ("0,1" or [0, 1]) on either vendor; ROCm
+    honours HIP_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES, CUDA only the latter."""
+    ids = gpus.split(",") if isinstance(gpus, str) else [str(g) for g in gpus]
+    ids = [i.strip() for i in ids if i.strip()]
+    for i in ids:
+        if not i.isdigit():
+            raise ValueError(f"gpus must be a comma list of device indices, got {gpus!r}")
+    value = ",".join(ids)
+    return {"CUDA_VISIBLE_DEVICES": value, "HIP_VISIBLE_DEVICES": value}
+
+
+def choose_dtype(device_type: str, requested: str = "auto") -> torch.dtype:
+    """Compute dtype: bf16 on GPUs that have it, fp32 on CPU/MPS (and pre-Ampere NVIDIA)."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {requested!r}")
+        return DTYPES[requested]
+    if device_type == "cuda":
+        if torch.version.hip is not None or torch.cuda.get_device_capability() >= (8, 0):
+            return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Read torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE); with more than one rank, init the
+    process group (nccl -- rccl on ROCm -- on GPU, gloo on CPU) and bind this rank's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return DistInfo(rank, local, world, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def fp8_available() -> bool:
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def enable_fp8(model: torch.nn.Module, device_type: str, recipe: str = "tensorwise") -> int:
+    """Convert the large Linear layers to torchao Float8Linear; returns how many were converted.
+    Raises ValueError when FP8 is requested without a GPU or without torchao."""
+    if device_type != "cuda":
+        raise ValueError(f"fp8 training needs a GPU; device is {device_type!r}")
+    if not fp8_available():
+        raise ValueError("fp8 training requested but torchao is not installed (pip install torchao)")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def keep(mod: torch.nn.Module, fqn: str) -> bool:
+        # FP8 GEMMs need dims divisible by 16, and small matrices gain nothing.
+        return (
+            isinstance(mod, torch.nn.Linear)
+            and mod.in_features % 16 == 0
+            and mod.out_features % 16 == 0
+            and min(mod.in_features, mod.out_features) >= 128
+        )
+
+    before = sum(1 for m in model.modules() if "Float8" in type(m).__name__)
+    convert_to_float8_training(
+        model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=keep
+    )
+    return sum(1 for m in model.modules() if "Float8" in type(m).__name__) - before
