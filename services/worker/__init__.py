@@ -1,0 +1,1 @@
+"""Celery side of the platform: the app, stage tasks, the training launcher and the reconciler."""

@@ -1,0 +1,223 @@
+"""The pretrain and SFT stages: JobSpec -> trainer config, launch the child, record the result.
+
+The trainer runs in a child process group (launcher.py) reading a JSON config. A stage that
+finds complete checkpoints from an earlier attempt (a redelivered message, a crashed worker, a
+cancelled-then-resumed job) resumes from the newest one; the trainer restores model, optimizer,
+data-loader and loop state from it, so the loss curve continues instead of starting over.
+Multi-node jobs (hardware.nodes > 1) are handed to the Kubernetes launcher
+(services/train_worker/k8s.py) and followed through the same progress file on the shared volume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from services.worker.launcher import LaunchConfig, ProgressTail, run_training
+from services.worker.pipeline import LeaseLost, StageCancelled, StageContext, StageError
+from services.worker.progress import ProgressForwarder
+from shared.db import registry
+from shared.db.session import session_scope
+
+
+def latest_complete_step(ckpt_dir: Path) -> int | None:
+    if not ckpt_dir.is_dir():
+        return None
+    from shared.nanochat.checkpoint import latest_step
+
+    return latest_step(ckpt_dir)
+
+
+def pretrain_config(spec: dict[str, Any], *, data_dir: Path, tokenizer_dir: Path, ckpt_dir: Path,
+                    resume: bool) -> dict[str, Any]:
+    """The TrainConfig (shared/nanochat/train.py) a job spec describes, as from_dict input.
+
+    Only what the spec states is passed; everything it leaves as None (batch size, horizon, weight
+    decay) stays None so the trainer derives it once, in sizing.py.
+    """
+    m, hz, b, o = spec["model"], spec.get("horizon", {}), spec.get("batch", {}), spec.get("optim", {})
+    ev, ck, hw = spec.get("eval", {}), spec.get("checkpoint", {}), spec.get("hardware", {})
+    cfg: dict[str, Any] = {
+        "depth": m["depth"],
+        "aspect_ratio": m["aspect_ratio"],
+        "head_dim": m["head_dim"],
+        "n_kv_head": m.get("n_kv_head"),
+        "window_pattern": str(m.get("window_pattern", "SSSL")).upper(),
+        "sequence_len": m["sequence_len"],
+        "data_dir": str(data_dir),
+        "tokenizer_dir": str(tokenizer_dir),
+        "checkpoint_dir": str(ckpt_dir),
+        "resume": resume,
+        "num_iterations": hz.get("num_iterations"),
+        "target_param_data_ratio": hz.get("target_param_data_ratio"),
+        "target_flops": hz.get("target_flops"),
+        "device_batch_size": b.get("device_batch_size"),
+        "total_batch_size": b.get("total_batch_size"),
+        "embedding_lr": o.get("embedding_lr"),
+        "unembedding_lr": o.get("unembedding_lr"),
+        "matrix_lr": o.get("matrix_lr"),
+        "scalar_lr": o.get("scalar_lr"),
+        "weight_decay": o.get("weight_decay"),
+        "warmup_steps": o.get("warmup_steps"),
+        "warmdown_ratio": o.get("warmdown_ratio"),
+        "eval_every": ev.get("every"),
+        "eval_tokens": ev.get("tokens"),
+        "checkpoint_every": ck.get("every"),
+        "keep_last": ck.get("keep_last"),
+        "device": hw.get("device", "auto"),
+        "seed": spec.get("seed", 42),
+    }
+    return _known_fields("shared.nanochat.train", "TrainConfig", cfg)
+
+
+def sft_config(spec: dict[str, Any], *, tokenizer_dir: Path, base_dir: Path, out_dir: Path,
+               resume: bool, run_dir: Path) -> dict[str, Any]:
+    """The SFTConfig (shared/nanochat/sft.py) a job spec describes, as from_dict input."""
+    sft, b, hw = spec.get("sft", {}), spec.get("batch", {}), spec.get("hardware", {})
+    cfg: dict[str, Any] = {
+        "base_checkpoint_dir": str(base_dir),
+        "tokenizer_dir": str(tokenizer_dir),
+        "checkpoint_dir": str(out_dir),
+        "out_dir": str(out_dir),
+        "sources": sft.get("sources") or [{"kind": "demo"}],
+        "num_iterations": sft.get("num_iterations"),
+        "device_batch_size": sft.get("device_batch_size") or b.get("device_batch_size"),
+        "resume": resume,
+        "device": hw.get("device", "auto"),
+        "seed": spec.get("seed", 42),
+    }
+    return _known_fields("shared.nanochat.sft", "SFTConfig", cfg)
+
+
+def _known_fields(module: str, cls: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Drop Nones (the config's own default applies) and keys the config class does not have.
+
+    The trainer's config class is the single definition of its fields; reading them from it keeps
+    this mapping from drifting. Imported only to read field names (no model is built here).
+    """
+    import dataclasses
+    import importlib
+
+    klass = getattr(importlib.import_module(module), cls)
+    names = {f.name for f in dataclasses.fields(klass)}
+    return {k: v for k, v in cfg.items() if v is not None and k in names}
+
+
+def _nproc(ctx: StageContext) -> int:
+    if ctx.settings.nproc_per_node > 0:
+        return ctx.settings.nproc_per_node
+    hw = ctx.spec.get("hardware", {})
+    if hw.get("device") == "cpu" or not hw.get("gpus"):
+        return 1
+    return int(hw["gpus"])
+
+
+def _log_tail(path: Path, chars: int = 1500) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-chars:]
+
+
+def _train(ctx: StageContext, mode: str, cfg: dict[str, Any], ckpt_dir: Path, kind: str,
+           resume_step: int | None) -> dict[str, Any]:
+    cfg_path = ctx.run.root / "config" / f"{mode}.json"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    if resume_step is not None:
+        ctx.event("resume", f"{mode} resumes from checkpoint step {resume_step}", {"step": resume_step})
+    forward = ProgressForwarder(ctx.sessions, ctx.job_id, ctx.stage, kind)
+
+    if int(ctx.spec.get("hardware", {}).get("nodes", 1)) > 1:
+        rc, cancelled, error = _train_multinode(ctx, forward)
+        log_path = ctx.run.logs / f"{mode}.log"
+    else:
+        launch = LaunchConfig(mode=mode, config_path=cfg_path, run=ctx.run, nproc=_nproc(ctx),
+                              gpus=ctx.settings.gpus, cancel_grace_seconds=ctx.settings.cancel_grace_seconds)
+        result = run_training(
+            launch, on_records=forward,
+            should_cancel=lambda: ctx.heartbeat.lost.is_set() or ctx.cancel_requested(),
+        )  # fmt: skip
+        rc, cancelled, error, log_path = result.returncode, result.cancelled, result.last_error, launch.log_path
+        if result.escalation:
+            ctx.event("stop_escalated", f"trainer did not stop in time: sent {result.escalation}",
+                      {"signal": result.escalation})
+    _sync_checkpoints(ctx, ckpt_dir, kind, forward)
+    if ctx.heartbeat.lost.is_set():
+        raise LeaseLost(ctx.job_id)
+    if cancelled:
+        raise StageCancelled(ctx.job_id)
+    if rc != 0 or forward.done is None:
+        detail = error or forward.error or f"exit code {rc}"
+        raise StageError(f"{mode}_failed", f"{detail}; log tail ({log_path}):\n{_log_tail(log_path)}")
+    done = forward.done
+    return {
+        "checkpoint_dir": str(ckpt_dir),
+        "step": done.get("step"),
+        "total_steps": done.get("total_steps"),
+        "checkpoint_step": done.get("checkpoint_step"),
+        "last_loss": done.get("last_loss"),
+        "val_bpb": done.get("val_bpb"),
+        "resumed_from": resume_step,
+        "checkpoints": sorted(set(forward.checkpoints)),
+    }
+
+
+def _sync_checkpoints(ctx: StageContext, ckpt_dir: Path, kind: str, forward: ProgressForwarder) -> None:
+    """Register complete checkpoints on disk the progress records did not announce (the previous
+    attempt died before its record was forwarded)."""
+    step = latest_complete_step(ckpt_dir)
+    if step is None:
+        return
+    with session_scope(ctx.sessions) as s:
+        known = {c.step for c in registry.list_checkpoints(s, ctx.job_id, kind=kind)}
+        if step not in known:
+            registry.record_checkpoint(s, ctx.job_id, ctx.stage, step, str(ckpt_dir), kind=kind)
+
+
+def _train_multinode(ctx: StageContext, forward: ProgressForwarder) -> tuple[int, bool, str | None]:
+    try:
+        from services.train_worker.k8s import launch_multinode
+    except ImportError as e:
+        raise StageError("multinode_unavailable",
+                         f"hardware.nodes > 1 needs the Kubernetes launcher (services/train_worker/k8s.py): {e}"
+                         ) from None
+    info = launch_multinode(ctx.job_id, ctx.spec, ctx.settings)
+    ctx.event("multinode_launched", "multi-node training submitted to Kubernetes", _plain(info))
+    if isinstance(info, dict) and info.get("reason") and not info.get("created", True):
+        raise StageError("multinode_unschedulable", str(info["reason"]))
+    # The pods write progress.jsonl on the shared volume; follow it like a local child's.
+    tail = ProgressTail(ctx.run.progress_file)
+    cancelled = False
+    while forward.done is None and forward.error is None:
+        records = tail.read()
+        if records:
+            forward(records)
+        if not cancelled and (ctx.heartbeat.lost.is_set() or ctx.cancel_requested()):
+            cancelled = True
+            ctx.run.stop_file.write_text("cancel requested\n")
+        time.sleep(2.0)
+    return (0 if forward.done is not None else 1), cancelled, forward.error
+
+
+def _plain(info: Any) -> dict[str, Any]:
+    if isinstance(info, dict):
+        return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None), list))}
+    return {"result": str(info)}
+
+
+def run_pretrain(ctx: StageContext, *, data_dir: Path, tokenizer_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
+    resume_step = latest_complete_step(ckpt_dir)
+    cfg = pretrain_config(ctx.spec, data_dir=data_dir, tokenizer_dir=tokenizer_dir, ckpt_dir=ckpt_dir,
+                          resume=resume_step is not None)
+    return _train(ctx, "pretrain", cfg, ckpt_dir, "base", resume_step)
+
+
+def run_sft(ctx: StageContext, *, tokenizer_dir: Path, base_dir: Path, out_dir: Path) -> dict[str, Any]:
+    resume_step = latest_complete_step(out_dir)
+    cfg = sft_config(ctx.spec, tokenizer_dir=tokenizer_dir, base_dir=base_dir, out_dir=out_dir,
+                     resume=resume_step is not None, run_dir=ctx.run.root)
+    return _train(ctx, "sft", cfg, out_dir, "sft", resume_step)
