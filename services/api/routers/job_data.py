@@ -1,0 +1,197 @@
+"""What a job produced and reported: events (paged or live SSE), metrics, checkpoints, eval results,
+artifacts, log tails and the Markdown report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse, PlainTextResponse
+from sqlalchemy.orm import Session, sessionmaker
+from sse_starlette.sse import EventSourceResponse
+
+from services.api.deps import AuthDep, SessionDep, SettingsDep
+from services.api.errors import ApiError
+from services.api.routers.jobs import _ERRORS
+from services.api.schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    EvalResultPublic,
+    EvalResultsPublic,
+    EventPublic,
+    EventsPublic,
+    LogsPublic,
+    MetricPoint,
+    MetricsPublic,
+)
+from shared.db import registry
+from shared.db.session import session_scope
+from shared.paths import PathEscapeError, run_paths, safe_join
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["job data"])
+
+MAX_LOG_BYTES = 4 * 1024 * 1024  # never read more than this from the end of one log file
+
+
+# --- events --------------------------------------------------------------------------------------
+def _poll_events(sessions: sessionmaker[Session], job_id: str, after: int) -> tuple[list[EventPublic], bool]:
+    # A short session per poll: a live stream must not hold a transaction (or a SQLite lock) open.
+    with session_scope(sessions) as s:
+        events = [EventPublic.of(e) for e in registry.list_events(s, job_id, after_seq=after, limit=500)]
+        terminal = registry.get_job(s, job_id).is_terminal
+    return events, terminal
+
+
+async def _event_stream(request: Request, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+    sessions = request.app.state.session_factory
+    interval: float = request.app.state.sse_poll_seconds
+    while True:
+        events, terminal = await to_thread.run_sync(_poll_events, sessions, job_id, after)
+        for ev in events:
+            after = ev.seq
+            yield {"id": str(ev.seq), "event": ev.type, "data": ev.model_dump_json()}
+        # Events written before the job turned terminal were read in this same poll, so stopping
+        # after a terminal poll loses nothing.
+        if terminal and not events:
+            yield {"event": "end", "data": json.dumps({"job_id": job_id})}
+            return
+        if await request.is_disconnected():
+            return
+        if not events:
+            await asyncio.sleep(interval)
+
+
+@router.get(
+    "/events", response_model=EventsPublic, responses={**_ERRORS, 200: {
+        "description": "JSON page of events, or with `Accept: text/event-stream` a live SSE stream "
+        "(id = event seq, event = type) that ends with an `end` event once the job has finished.",
+        "content": {"text/event-stream": {}}}},
+    summary="Job events (paged JSON or live SSE)",
+)
+def job_events(
+    request: Request, job_id: str, session: SessionDep, _auth: AuthDep,
+    after: Annotated[int, Query(ge=0, description="Return events with seq > after")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    accept: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Any:
+    registry.get_job(session, job_id)  # 404 before any streaming starts
+    if accept and "text/event-stream" in accept:
+        start = after
+        if last_event_id and last_event_id.isdigit():  # a reconnecting EventSource resumes here
+            start = max(start, int(last_event_id))
+        session.close()  # the stream polls with its own short sessions; hold no transaction open
+        return EventSourceResponse(_event_stream(request, job_id, start), ping=15)
+    events = [EventPublic.of(e) for e in registry.list_events(session, job_id, after_seq=after, limit=limit)]
+    return EventsPublic(data=events, count=len(events), next_after=events[-1].seq if events else after)
+
+
+# --- metrics, checkpoints, evals, artifacts ------------------------------------------------------
+@router.get("/metrics", response_model=MetricsPublic, responses=_ERRORS, summary="Metric time series")
+def job_metrics(
+    job_id: str, session: SessionDep, _auth: AuthDep,
+    name: Annotated[list[str] | None, Query(description="Only these series (repeatable)")] = None,
+    stage: Annotated[str | None, Query()] = None,
+    after_step: Annotated[int | None, Query()] = None,
+) -> MetricsPublic:
+    registry.get_job(session, job_id)
+    series: dict[str, list[MetricPoint]] = {}
+    for m in registry.get_metrics(session, job_id, names=name, stage=stage, after_step=after_step):
+        series.setdefault(m.name, []).append(MetricPoint(step=m.step, value=m.value, stage=m.stage, ts=m.ts))
+    return MetricsPublic(job_id=job_id, series=series)
+
+
+@router.get("/checkpoints", response_model=CheckpointsPublic, responses=_ERRORS, summary="Checkpoints")
+def job_checkpoints(
+    job_id: str, session: SessionDep, _auth: AuthDep, kind: Annotated[str | None, Query()] = None
+) -> CheckpointsPublic:
+    registry.get_job(session, job_id)
+    rows = [CheckpointPublic.of(c) for c in registry.list_checkpoints(session, job_id, kind=kind)]
+    return CheckpointsPublic(data=rows, count=len(rows))
+
+
+@router.get("/evals", response_model=EvalResultsPublic, responses=_ERRORS, summary="Evaluation results")
+def job_evals(
+    job_id: str, session: SessionDep, _auth: AuthDep, stage: Annotated[str | None, Query()] = None
+) -> EvalResultsPublic:
+    registry.get_job(session, job_id)
+    rows = [EvalResultPublic(stage=r.stage, checkpoint_step=r.checkpoint_step, task=r.task, metric=r.metric,
+                             value=r.value) for r in registry.list_eval_results(session, job_id, stage=stage)]
+    return EvalResultsPublic(data=rows, count=len(rows))
+
+
+@router.get("/artifacts", responses=_ERRORS, summary="Named outputs of the job")
+def job_artifacts(job_id: str, session: SessionDep, _auth: AuthDep) -> dict[str, Any]:
+    registry.get_job(session, job_id)
+    arts = registry.list_artifacts(session, job_id)
+    return {"data": [{"name": a.name, "path": a.path, "kind": a.kind, "created_at": a.created_at} for a in arts],
+            "count": len(arts)}
+
+
+# --- files under the run folder ------------------------------------------------------------------
+def tail_lines(path: Path, lines: int) -> str:
+    """The last `lines` lines of a text file, reading at most MAX_LOG_BYTES from its end."""
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        start = max(0, size - MAX_LOG_BYTES)
+        block = 64 * 1024
+        pos, data = size, b""
+        while pos > start and data.count(b"\n") <= lines:
+            step = min(block, pos - start)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    text = data.decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@router.get("/logs", response_model=LogsPublic, responses=_ERRORS, summary="Tail of the job's log files")
+def job_logs(
+    job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep,
+    lines: Annotated[int, Query(ge=1, le=10_000)] = 200,
+    file: Annotated[str | None, Query(description="One log file name, e.g. train.log")] = None,
+) -> LogsPublic:
+    registry.get_job(session, job_id)
+    logs_dir = run_paths(settings.runs_dir, job_id).logs
+    if file is not None:
+        if not file.endswith(".log"):
+            raise ApiError(422, "validation_error", "file must name a .log file", "file")
+        try:
+            paths = [safe_join(logs_dir, file)]
+        except PathEscapeError as e:
+            raise ApiError(422, "validation_error", str(e), "file") from None
+        if not paths[0].is_file():
+            raise ApiError(404, "not_found", f"no log file {file!r} for job {job_id}", "file")
+    else:
+        paths = sorted(logs_dir.glob("*.log")) if logs_dir.is_dir() else []
+    return LogsPublic(job_id=job_id, logs={p.name: tail_lines(p, lines) for p in paths})
+
+
+@router.get("/report", responses={**_ERRORS, 200: {"content": {"text/markdown": {}}}},
+            response_class=PlainTextResponse, summary="The run's Markdown report")
+def job_report(job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep) -> PlainTextResponse:
+    registry.get_job(session, job_id)
+    report = run_paths(settings.runs_dir, job_id).report / "report.md"
+    if not report.is_file():
+        raise ApiError(404, "report_not_ready", f"job {job_id} has no report yet")
+    return PlainTextResponse(report.read_text(encoding="utf-8"), media_type="text/markdown; charset=utf-8")
+
+
+@router.get("/report/{name}", responses={**_ERRORS, 200: {"content": {"image/png": {}}}},
+            summary="A file of the report, e.g. the loss plot (loss.png)")
+def job_report_file(name: str, job_id: str, session: SessionDep, settings: SettingsDep,
+                    _auth: AuthDep) -> FileResponse:
+    registry.get_job(session, job_id)
+    try:
+        path = safe_join(run_paths(settings.runs_dir, job_id).report, name)
+    except PathEscapeError as e:
+        raise ApiError(422, "validation_error", str(e), "name") from None
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"job {job_id} has no report file {name!r}", "name")
+    return FileResponse(path)

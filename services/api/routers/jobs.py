@@ -1,0 +1,113 @@
+"""Jobs: submit, list, inspect, cancel, resume."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Request
+from pydantic import ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.api.deps import AuthDep, SessionDep, SettingsDep
+from services.api.errors import ApiError
+from services.api.schemas import ErrorBody, JobPublic, JobsPublic
+from shared.db import registry
+from shared.db.session import session_scope
+from shared.jobs.spec import JobCreate
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+    422: {"model": ErrorBody}, 503: {"model": ErrorBody},
+}
+
+
+def enqueue(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> bool:
+    """Hand the job's next stage to the workers. Failure is not fatal: the job stays queued in the
+    registry and the reconciler enqueues it later (Postgres is the truth, the broker a courier)."""
+    try:
+        from services.worker.dispatch import enqueue_job
+    except ImportError as e:
+        log.warning("worker dispatch unavailable (%s); job %s stays queued for the reconciler", e, job_id)
+        return False
+    try:
+        enqueue_job(job_id, settings=settings)
+        return True
+    except Exception as e:  # broker down, etc.: recorded, and the reconciler retries
+        log.warning("could not enqueue job %s: %s", job_id, e)
+        try:
+            with session_scope(sessions) as s:
+                registry.add_event(s, job_id, "enqueue_failed", f"broker unavailable: {type(e).__name__}: {e}")
+        except Exception:  # the registry itself is down too; nothing more to record
+            log.exception("could not record enqueue failure for job %s", job_id)
+        return False
+
+
+def _public(session: Any, job: Any) -> JobPublic:
+    return JobPublic.of(job, registry.latest_checkpoint(session, job.id))
+
+
+@router.post(
+    "", status_code=202, response_model=JobPublic, responses=_ERRORS,
+    summary="Submit a job",
+    description="Validates the job spec, records the job as queued and enqueues its first stage. "
+    "With an Idempotency-Key header, repeating the request returns the same job.",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}},
+)
+def submit_job(
+    request: Request, session: SessionDep, settings: SettingsDep, _auth: AuthDep,
+    body: Annotated[dict[str, Any], Body(include_in_schema=False)],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> JobPublic:
+    try:
+        spec = JobCreate.model_validate(body, context={"roots": [settings.home, *settings.data_roots]})
+    except ValidationError as e:
+        raise e from None  # errors.install maps it to 422 naming the field
+    job, created = registry.create_or_get_job(session, spec, idempotency_key)
+    if created:
+        enqueue(job.id, settings, request.app.state.session_factory)
+        job = registry.get_job(session, job.id)
+    return _public(session, job)
+
+
+@router.get("", response_model=JobsPublic, responses=_ERRORS, summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep, _auth: AuthDep,
+    status: Annotated[list[str] | None, Query(description="Filter by status (repeatable)")] = None,
+    kind: Annotated[str | None, Query()] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobsPublic:
+    try:
+        jobs, next_cursor = registry.list_jobs(session, status=status, cursor=cursor, limit=limit, kind=kind)
+    except ValueError as e:
+        field = "cursor" if "cursor" in str(e) else "status"
+        raise ApiError(422, "validation_error", str(e), field) from None
+    return JobsPublic(data=[_public(session, j) for j in jobs], count=len(jobs), next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Job status and progress")
+def get_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
+    return _public(session, registry.get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=_ERRORS,
+             summary="Cancel a job (409 if it already finished)")
+def cancel_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
+    return _public(session, registry.request_cancel(session, job_id))
+
+
+@router.post("/{job_id}/resume", status_code=202, response_model=JobPublic, responses=_ERRORS,
+             summary="Resume a cancelled or failed job from its newest checkpoint (409 otherwise)")
+def resume_job(
+    request: Request, job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep
+) -> JobPublic:
+    registry.resume_job(session, job_id)
+    enqueue(job_id, settings, request.app.state.session_factory)
+    return _public(session, registry.get_job(session, job_id))

@@ -1,0 +1,188 @@
+"""Response schemas of the job API (JobPublic, JobsPublic, ...), built from registry rows.
+
+Request bodies are the job spec itself (shared/jobs/spec.py: JobCreate = JobSpec).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from shared.db.models import Checkpoint, Event, Job, Stage
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class StagePublic(BaseModel):
+    name: str
+    status: str
+    order: int
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    error: str | None = None
+    outputs: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, st: Stage) -> StagePublic:
+        return cls(name=st.name, status=st.status, order=st.order, started_at=st.started_at,
+                   finished_at=st.finished_at, error=st.error, outputs=st.outputs)
+
+
+class CheckpointPublic(BaseModel):
+    stage: str
+    kind: str
+    step: int
+    path: str
+    val_bpb: float | None = None
+    files: list[Any] | None = None
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, c: Checkpoint) -> CheckpointPublic:
+        return cls(stage=c.stage, kind=c.kind, step=c.step, path=c.path, val_bpb=c.val_bpb, files=c.files,
+                   created_at=c.created_at)
+
+
+class Progress(BaseModel):
+    percent: float = Field(description="Whole job: finished stages plus the current stage's fraction, 0..100")
+    stage_percent: float | None = Field(None, description="Current stage: step / total_steps, 0..100")
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    tokens_per_sec: float | None = None
+    mfu: float | None = None
+    eta_seconds: float | None = None
+    peak_memory: int | None = Field(None, description="Bytes")
+
+
+class JobError(BaseModel):
+    code: str | None
+    message: str | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: str
+    name: str | None = None
+    status: str
+    current_stage: str | None = None
+    stages: list[StagePublic]
+    progress: Progress
+    error: JobError | None = None
+    attempts: int
+    cancel_requested: bool
+    latest_checkpoint: CheckpointPublic | None = None
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    updated_at: dt.datetime
+    spec: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: Job, latest: Checkpoint | None = None) -> JobPublic:
+        return cls(
+            id=job.id, kind=job.kind, name=(job.spec or {}).get("name"), status=job.status,
+            current_stage=job.current_stage, stages=[StagePublic.of(s) for s in job.stages],
+            progress=progress_of(job),
+            error=JobError(code=job.error_code, message=job.error_message)
+            if (job.error_code or job.error_message) else None,
+            attempts=job.attempts, cancel_requested=job.cancel_requested,
+            latest_checkpoint=CheckpointPublic.of(latest) if latest is not None else None,
+            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+            updated_at=job.updated_at, spec=job.spec,
+        )
+
+
+def progress_of(job: Job) -> Progress:
+    stage_frac: float | None = None
+    if job.step is not None and job.total_steps:
+        stage_frac = min(1.0, max(0.0, job.step / job.total_steps))
+    stages = job.stages
+    if job.status == "succeeded":
+        percent = 100.0
+    elif stages:
+        done = sum(1 for s in stages if s.status in ("succeeded", "skipped"))
+        running = any(s.status == "running" for s in stages)
+        percent = 100.0 * (done + ((stage_frac or 0.0) if running else 0.0)) / len(stages)
+    else:
+        percent = 0.0
+    return Progress(
+        percent=round(percent, 2), stage_percent=None if stage_frac is None else round(100 * stage_frac, 2),
+        step=job.step, total_steps=job.total_steps, loss=job.loss, tokens_per_sec=job.tokens_per_sec,
+        mfu=job.mfu, eta_seconds=job.eta_seconds, peak_memory=job.peak_memory,
+    )
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next (older) page")
+
+
+class EventPublic(BaseModel):
+    seq: int
+    ts: dt.datetime
+    type: str
+    stage: str | None = None
+    message: str
+    data: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, e: Event) -> EventPublic:
+        return cls(seq=e.seq, ts=e.ts, type=e.type, stage=e.stage, message=e.message, data=e.data)
+
+
+class EventsPublic(BaseModel):
+    data: list[EventPublic]
+    count: int
+    next_after: int = Field(description="Pass as ?after= to get newer events")
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float
+    stage: str
+    ts: dt.datetime
+
+
+class MetricsPublic(BaseModel):
+    job_id: str
+    series: dict[str, list[MetricPoint]]
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+    count: int
+
+
+class EvalResultPublic(BaseModel):
+    stage: str
+    checkpoint_step: int | None
+    task: str
+    metric: str
+    value: float
+
+
+class EvalResultsPublic(BaseModel):
+    data: list[EvalResultPublic]
+    count: int
+
+
+class LogsPublic(BaseModel):
+    job_id: str
+    logs: dict[str, str] = Field(description="Log file name -> its last lines")
+
+
+class ServedModels(BaseModel):
+    current: dict[str, Any] | None = Field(None, description="$NCP_HOME/serving/current.json")
+    live: dict[str, Any] = Field(description="The inference server's /v1/models, or why it is unreachable")
