@@ -1,0 +1,384 @@
+"""Supervised fine-tuning: a base checkpoint -> a chat checkpoint (chatsft_checkpoints/<tag>).
+
+`sft(cfg, hooks)` loads the base model *and its optimizer momenta* (MuonAdamW state; the fresh
+SFT learning rates replace the saved ones, which pretraining's warmdown left near zero), trains on
+best-fit packed conversations where only assistant tokens are targets, and saves checkpoints in
+the reference layout. Schedule as in the reference chat_sft: LR = init_lr_frac x the base LRs,
+flat, then a linear warmdown to `final_lr_frac` over the last `warmdown_ratio` of training;
+Muon momentum 0.85 -> 0.95 over the first 300 steps; Muon weight decay 0.
+Hooks and result are the pretraining ones (train.TrainHooks / TrainResult).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shared.nanochat.checkpoint import (
+    OPTIM_FILE,
+    check_state_matches,
+    latest_step,
+    load_checkpoint,
+    model_config_from_meta,
+    save_checkpoint,
+)
+from shared.nanochat.gpt import GPT
+from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups
+from shared.nanochat.sft_data import MIXTURES, PackerState, build_mixture, packed_batches
+from shared.nanochat.tokenizer import Tokenizer
+from shared.nanochat.train import TrainHooks, TrainResult
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    base_checkpoint_dir: str
+    tokenizer_dir: str
+    out_dir: str  # chatsft_checkpoints/<tag>
+    base_step: int | None = None  # None = newest complete base checkpoint
+    # data
+    mixture: str = "demo"  # default (SmolTalk + MMLU x3 + GSM8K x4) | demo | jsonl
+    tasks_dir: str | None = None  # Hub-layout dataset folder for the default mixture
+    conversations: tuple[str, ...] = ()  # user JSONL files, added to the mixture
+    mmlu_epochs: int = 3
+    gsm8k_epochs: int = 4
+    val_fraction: float = 0.05  # conversations held out for val bpb
+    # horizon and batch
+    num_iterations: int = -1  # -1 = one epoch of the mixture
+    device_batch_size: int = 4
+    max_seq_len: int | None = None  # None = the base model's sequence_len
+    grad_accum_steps: int = 1
+    # optimization; None = the base run's value, else the reference default
+    embedding_lr: float | None = None
+    unembedding_lr: float | None = None
+    matrix_lr: float | None = None
+    scalar_lr: float | None = None
+    init_lr_frac: float = 0.8
+    warmdown_ratio: float = 0.5
+    final_lr_frac: float = 0.0
+    weight_decay: float = 0.0
+    load_optimizer: bool = True
+    # cadence
+    eval_every: int = 0  # steps; 0 = only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 1
+    resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
+    device: str = "auto"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for name in ("base_checkpoint_dir", "tokenizer_dir", "out_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required")
+        if self.mixture not in MIXTURES:
+            raise ValueError(f"mixture: {self.mixture!r} is not one of {MIXTURES}")
+        if self.mixture == "default" and not self.tasks_dir:
+            raise ValueError("tasks_dir: required by the default mixture")
+        if self.mixture == "jsonl" and not self.conversations:
+            raise ValueError("conversations: the jsonl mixture needs at least one file")
+        if isinstance(self.conversations, (str, list)):
+            conv = (self.conversations,) if isinstance(self.conversations, str) else tuple(self.conversations)
+            object.__setattr__(self, "conversations", conv)
+        if self.num_iterations == 0 or self.num_iterations < -1:
+            raise ValueError(f"num_iterations: must be >= 1 or -1 (one epoch), got {self.num_iterations}")
+        for name in ("device_batch_size", "grad_accum_steps", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("mmlu_epochs", "gsm8k_epochs", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.max_seq_len is not None and self.max_seq_len < 8:
+            raise ValueError(f"max_seq_len: must be >= 8, got {self.max_seq_len}")
+        if self.base_step is not None and self.base_step < 0:
+            raise ValueError(f"base_step: must be >= 0, got {self.base_step}")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name}: must be positive, got {v}")
+        if not 0 < self.init_lr_frac <= 1:
+            raise ValueError(f"init_lr_frac: must be in (0, 1], got {self.init_lr_frac}")
+        if not 0 <= self.warmdown_ratio <= 1:
+            raise ValueError(f"warmdown_ratio: must be in [0, 1], got {self.warmdown_ratio}")
+        if not 0 <= self.final_lr_frac <= 1:
+            raise ValueError(f"final_lr_frac: must be in [0, 1], got {self.final_lr_frac}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["conversations"] = list(self.conversations)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SFTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SFTConfig: unknown fields {unknown}")
+        d = dict(d)
+        if "conversations" in d:
+            d["conversations"] = tuple(d["conversations"])
+        return cls(**d)
+
+
+def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """Flat, then linear to `final_lr_frac` over the last `warmdown_ratio` of progress (0..1)."""
+    if warmdown_ratio == 0 or progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = min(1.0, (progress - (1.0 - warmdown_ratio)) / warmdown_ratio)
+    return (1 - decay) + decay * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _optimizer(model: GPT, cfg: SFTConfig, base_meta: dict) -> MuonAdamW:
+    # the base run's peak LRs (unscaled by batch size, as the reference SFT inherits them)
+    base_user = base_meta.get("user_config") or base_meta.get("train_config") or {}
+    defaults = OptimizerConfig()
+    lrs = {
+        name: getattr(cfg, name) or base_user.get(name) or getattr(defaults, name)
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
+    }
+    groups = build_param_groups(model, OptimizerConfig(**lrs, weight_decay=cfg.weight_decay), lr_scale=1.0)
+    for g in groups:
+        g["lr"] *= cfg.init_lr_frac
+        g["initial_lr"] = g["lr"]
+    return MuonAdamW(groups)
+
+
+def _load_momenta(optimizer: MuonAdamW, state: dict) -> None:
+    """Take the saved per-parameter state (momentum buffers), keep this run's hyperparameters."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"base optimizer state does not match the model's parameter groups: {e}") from None
+    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(hyper)
+
+
+@torch.no_grad()
+def _val_bpb(
+    model, tokenizer, conversations, cfg: SFTConfig, seq_len: int, token_bytes, device
+) -> float | None:
+    from shared.nanochat.eval.bpb import evaluate_bpb
+
+    if not conversations:
+        return None
+    batches = (
+        (x.to(device), y.to(device))
+        for x, y, _ in packed_batches(tokenizer, conversations, cfg.device_batch_size, seq_len)
+    )
+    model.eval()
+    try:
+        return evaluate_bpb(model, batches, cfg.eval_batches, token_bytes)
+    finally:
+        model.train()
+
+
+def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
+    """Fine-tune; returns after `num_iterations` steps (or one epoch) or when should_stop says so."""
+    from shared.nanochat.tokenizer import token_bytes as token_bytes_of
+
+    hooks = hooks or TrainHooks()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = _resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tokenizer = Tokenizer.load(Path(cfg.tokenizer_dir))
+    out_dir = Path(cfg.out_dir)
+
+    resume_step = latest_step(out_dir) if cfg.resume and out_dir.exists() else None
+    if resume_step is not None:
+        src_dir, src_step = out_dir, resume_step
+    else:
+        src_dir, src_step = Path(cfg.base_checkpoint_dir), cfg.base_step
+        if src_step is None:
+            src_step = latest_step(src_dir)
+            if src_step is None:
+                raise FileNotFoundError(f"base_checkpoint_dir: no complete checkpoint in {src_dir}")
+    # a base checkpoint without optimizer state (e.g. an imported one) trains from fresh momenta
+    with_optim = cfg.load_optimizer and (src_dir / OPTIM_FILE.format(step=src_step, rank=rank)).exists()
+    model_state, optim_state, meta = load_checkpoint(
+        src_dir, src_step, device=device, load_optimizer=with_optim, rank=rank
+    )
+    base_meta = meta if resume_step is None else meta.get("base_meta", {})
+    model_config = model_config_from_meta(meta, src_dir)
+    if model_config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"tokenizer_dir: vocab size {tokenizer.vocab_size} != checkpoint's {model_config.vocab_size}"
+        )
+    check_state_matches(model_state, model_config, src_dir)
+    with torch.device("meta"):
+        model = GPT(model_config, compute_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    model.to_empty(device=device)
+    model.init_weights()  # sets storage dtypes and rotary tables; values come from the state next
+    model.load_state_dict(model_state, strict=True)
+    del model_state
+    optimizer = _optimizer(model, cfg, base_meta)
+    optimizer_loaded = optim_state is not None
+    if optim_state is not None:
+        _load_momenta(optimizer, optim_state)
+        del optim_state
+
+    seq_len = cfg.max_seq_len or model_config.sequence_len
+    mixture = build_mixture(
+        cfg.mixture,
+        tasks_dir=Path(cfg.tasks_dir) if cfg.tasks_dir else None,
+        conversations=cfg.conversations,
+        mmlu_epochs=cfg.mmlu_epochs,
+        gsm8k_epochs=cfg.gsm8k_epochs,
+        seed=cfg.seed,
+    )
+    n_val = int(len(mixture) * cfg.val_fraction)
+    val_convs, train_convs = mixture[:n_val], mixture[n_val:]
+    loop = meta.get("loop_state", {}) if resume_step is not None else {}
+    packer = PackerState(**loop["packer"]) if "packer" in loop else PackerState(cursor=rank)
+    batches = packed_batches(
+        tokenizer, train_convs, cfg.device_batch_size, seq_len, rank=rank, world_size=world, state=packer
+    )
+    tok_bytes = token_bytes_of(tokenizer).to(device)
+
+    step = int(loop.get("step", 0))
+    losses: list[float] = []
+    last_loss = float("nan")
+    val_bpb = meta.get("val_bpb") if resume_step is not None else None
+    checkpoint_step = resume_step
+    tokens_per_step = cfg.device_batch_size * seq_len * cfg.grad_accum_steps * world
+    flops_per_token = model.estimate_flops()
+    empty_steps = 0
+    t_start = time.time()
+    state = packer
+
+    def progress_frac() -> float:
+        if cfg.num_iterations > 0:
+            return step / cfg.num_iterations
+        return min(1.0, state.consumed / max(1, len(train_convs)))
+
+    def save() -> None:
+        nonlocal checkpoint_step
+        loop_state = {"step": step, "packer": asdict(state)}
+        meta_out = {
+            "step": step,
+            "kind": "sft",
+            "val_bpb": val_bpb,
+            "model_config": model_config.to_dict(),
+            "user_config": cfg.to_dict(),
+            "base_meta": {k: v for k, v in base_meta.items() if k != "loop_state"},
+            "loop_state": loop_state,
+            "optimizer_loaded": optimizer_loaded,
+        }
+        path = save_checkpoint(
+            out_dir, step, model.state_dict(), optimizer.state_dict(), meta_out, rank=rank, world_size=world
+        )
+        checkpoint_step = step
+        if hooks.on_checkpoint and rank == 0:
+            hooks.on_checkpoint(
+                {
+                    "step": step,
+                    "path": str(path),
+                    "files": sorted(p.name for p in out_dir.glob(f"*{step:06d}*")),
+                }
+            )
+
+    def evaluate() -> None:
+        nonlocal val_bpb
+        val_bpb = _val_bpb(model, tokenizer, val_convs, cfg, seq_len, tok_bytes, device)
+        if hooks.on_eval and rank == 0 and val_bpb is not None:
+            hooks.on_eval({"step": step, "val_bpb": val_bpb})
+
+    model.train()
+    stopped = False
+    while True:
+        done = (cfg.num_iterations > 0 and step >= cfg.num_iterations) or (
+            cfg.num_iterations < 0 and state.consumed >= len(train_convs)
+        )
+        if done:
+            break
+        if hooks.should_stop and hooks.should_stop():
+            stopped = True
+            break
+        t0 = time.time()
+        lrm = lr_multiplier(progress_frac(), cfg.warmdown_ratio, cfg.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        step_loss, step_targets = 0.0, 0
+        for _ in range(cfg.grad_accum_steps):
+            x, y, state = next(batches)
+            x, y = x.to(device), y.to(device)
+            n_targets = int((y >= 0).sum())
+            if n_targets == 0:
+                continue  # an all-padding micro-batch: no gradient, and mean CE would be NaN
+            loss_sum = model(x, y, loss_reduction="sum")
+            (loss_sum / (n_targets * cfg.grad_accum_steps)).backward()
+            step_loss += loss_sum.item()
+            step_targets += n_targets
+        if step_targets == 0:
+            empty_steps += 1
+            if empty_steps >= 10:
+                raise ValueError("mixture: 10 consecutive batches had no assistant tokens to train on")
+            model.zero_grad(set_to_none=True)
+            continue
+        empty_steps = 0
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = step_loss / step_targets
+        losses.append(last_loss)
+        dt = max(time.time() - t0, 1e-9)
+        if rank == 0 and hooks.on_progress and (step % cfg.log_every == 0 or step == 1):
+            frac = progress_frac()
+            # one-epoch runs learn their length only by packing: extrapolate from progress so far
+            total = (
+                cfg.num_iterations if cfg.num_iterations > 0 else (round(step / frac) if frac > 0 else None)
+            )
+            elapsed = time.time() - t_start
+            hooks.on_progress(
+                {
+                    "step": step,
+                    "total_steps": total,
+                    "loss": last_loss,
+                    "lr_mult": lrm,
+                    "tokens_per_sec": tokens_per_step / dt,
+                    "mfu": None,
+                    "flops_per_token": flops_per_token,
+                    "eta_seconds": elapsed / frac * (1 - frac) if frac > 0 else None,
+                    "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+                    "epoch": state.epoch,
+                    "progress": frac,
+                }
+            )
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            evaluate()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save()
+    if not stopped:
+        evaluate()
+    if checkpoint_step != step:
+        save()
+    return TrainResult(
+        step=step,
+        total_steps=cfg.num_iterations if cfg.num_iterations > 0 else step,
+        last_loss=last_loss,
+        val_bpb=val_bpb,
+        checkpoint_step=checkpoint_step,
+        stopped=stopped,
+        losses=losses,
+    )
