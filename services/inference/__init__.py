@@ -1,0 +1,1 @@
+"""Model serving: vLLM plugin for the nanochat architecture, native fallback server, supervisor."""
