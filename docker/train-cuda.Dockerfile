@@ -1,0 +1,37 @@
+# Training worker for NVIDIA GPUs: the official PyTorch CUDA runtime image, its own torch kept.
+# Build from the repository root: docker build -f docker/train-cuda.Dockerfile -t nanochat/train-cuda .
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS reqs
+WORKDIR /src
+COPY pyproject.toml docker/requirements.py ./
+RUN python requirements.py pyproject.toml --extra report > requirements.txt
+
+FROM ${PYTHON_IMAGE} AS wheel
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY services ./services
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM ${BASE_IMAGE} AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 NCP_HOME=/data/ncp \
+    PYTORCH_ALLOC_CONF=expandable_segments:True
+COPY --from=reqs /src/requirements.txt /tmp/requirements.txt
+# The constraint pins the image's CUDA torch build: nothing may replace it.
+RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
+    && python -m pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
+COPY --from=wheel /wheels /tmp/wheels
+RUN python -m pip install --no-deps /tmp/wheels/*.whl \
+    && python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'torch lost its CUDA build')" \
+    && rm -rf /tmp/wheels /tmp/requirements.txt /tmp/constraints.txt \
+    && useradd --create-home --uid 10001 ncp \
+    && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
+USER 10001
+WORKDIR /home/ncp
+HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
+    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 -d celery@$(hostname)"]
+CMD ["ncp", "worker", "--queues", "train"]

@@ -1,0 +1,40 @@
+# Training worker for AMD Instinct MI300X (gfx942): AMD's PyTorch ROCm image, its own torch kept.
+# Build from the repository root: docker build -f docker/train-rocm.Dockerfile -t nanochat/train-rocm .
+ARG BASE_IMAGE=rocm/pytorch:rocm7.2.4_ubuntu24.04_py3.12_pytorch_release_2.10.0
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS reqs
+WORKDIR /src
+COPY pyproject.toml docker/requirements.py ./
+RUN python requirements.py pyproject.toml --extra report > requirements.txt
+
+FROM ${PYTHON_IMAGE} AS wheel
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY services ./services
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM ${BASE_IMAGE} AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# The base image's Python is "externally managed" on Ubuntu 24.04; this image is that environment.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1 PYTHONUNBUFFERED=1 \
+    NCP_HOME=/data/ncp \
+    HIP_FORCE_DEV_KERNARG=1 PYTORCH_ALLOC_CONF=expandable_segments:True
+COPY --from=reqs /src/requirements.txt /tmp/requirements.txt
+# The constraint pins the image's ROCm torch build: nothing may replace it with a PyPI wheel.
+RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
+    && python3 -m pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
+COPY --from=wheel /wheels /tmp/wheels
+RUN python3 -m pip install --no-deps /tmp/wheels/*.whl \
+    && python3 -c "import torch, sys; sys.exit(0 if torch.version.hip else 'torch lost its ROCm build')" \
+    && rm -rf /tmp/wheels /tmp/requirements.txt /tmp/constraints.txt \
+    && groupadd -f render \
+    && useradd --create-home --uid 10001 --groups video,render ncp \
+    && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
+USER 10001
+WORKDIR /home/ncp
+HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
+    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 -d celery@$(hostname)"]
+CMD ["ncp", "worker", "--queues", "train"]
