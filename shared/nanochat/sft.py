@@ -12,6 +12,7 @@ Hooks and result are the pretraining ones (train.TrainHooks / TrainResult).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,9 +28,11 @@ from shared.nanochat.checkpoint import (
     model_config_from_meta,
     save_checkpoint,
 )
+from shared.nanochat.device import DeviceInfo, detect_device
 from shared.nanochat.gpt import GPT
 from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups
 from shared.nanochat.sft_data import MIXTURES, PackerState, build_mixture, packed_batches
+from shared.nanochat.sizing import mfu
 from shared.nanochat.tokenizer import Tokenizer
 from shared.nanochat.train import TrainHooks, TrainResult
 
@@ -136,15 +139,24 @@ def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float) 
     return (1 - decay) + decay * final_lr_frac
 
 
+def masked_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the targets that are not -1, their count). A batch with no
+    targets gives (0, 0): a plain mean over zero targets would be 0/0 = NaN."""
+    n = int((targets >= 0).sum())
+    if n == 0:
+        return torch.zeros((), device=inputs.device), 0
+    return model(inputs, targets, loss_reduction="sum") / n, n
+
+
 def muon_momentum(step: int) -> float:
     frac = min(step / 300, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _resolve_device(info: DeviceInfo) -> torch.device:
+    if info.type == "cuda":  # one GPU per rank under torchrun
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(info.type)
 
 
 def _optimizer(model: GPT, cfg: SFTConfig, base_meta: dict) -> MuonAdamW:
@@ -198,7 +210,8 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     hooks = hooks or TrainHooks()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = _resolve_device(cfg.device)
+    dev_info = detect_device(cfg.device)
+    device = _resolve_device(dev_info)
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.load(Path(cfg.tokenizer_dir))
     out_dir = Path(cfg.out_dir)
@@ -323,12 +336,11 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
         for _ in range(cfg.grad_accum_steps):
             x, y, state = next(batches)
             x, y = x.to(device), y.to(device)
-            n_targets = int((y >= 0).sum())
+            loss, n_targets = masked_loss(model, x, y)
             if n_targets == 0:
-                continue  # an all-padding micro-batch: no gradient, and mean CE would be NaN
-            loss_sum = model(x, y, loss_reduction="sum")
-            (loss_sum / (n_targets * cfg.grad_accum_steps)).backward()
-            step_loss += loss_sum.item()
+                continue  # nothing to learn from this micro-batch
+            (loss / cfg.grad_accum_steps).backward()
+            step_loss += loss.item() * n_targets
             step_targets += n_targets
         if step_targets == 0:
             empty_steps += 1
@@ -357,7 +369,7 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
                     "loss": last_loss,
                     "lr_mult": lrm,
                     "tokens_per_sec": tokens_per_step / dt,
-                    "mfu": None,
+                    "mfu": mfu(flops_per_token, tokens_per_step / dt, dev_info.peak_flops, world),
                     "flops_per_token": flops_per_token,
                     "eta_seconds": elapsed / frac * (1 - frac) if frac > 0 else None,
                     "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,

@@ -36,9 +36,9 @@ CHAT_PROMPTS = (
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from shared.nanochat.device import detect_device
+
+    return torch.device(detect_device(name).type)
 
 
 def _write_json(path: Path, obj: dict) -> None:
