@@ -301,7 +301,7 @@ class JobSpec(_Strict):
 
     def _check_fits(self) -> None:
         per_gpu = training_memory_floor(self.model, self.hardware.world_size)
-        if per_gpu is not None and per_gpu > MAX_DEVICE_MEMORY_BYTES:
+        if per_gpu > MAX_DEVICE_MEMORY_BYTES:
             raise field_error(("model", "depth"),
                               f"depth {self.model.depth} needs at least {per_gpu / 1e9:.0f} GB per GPU for "
                               f"weights, gradients and optimizer state over {self.hardware.world_size} GPU(s); "
@@ -322,13 +322,11 @@ def _allowed_roots(info: ValidationInfo | None) -> list[Path]:
     return [s.home, *s.data_roots]
 
 
-def training_memory_floor(model: ModelSpec, world_size: int = 1) -> int | None:
+def training_memory_floor(model: ModelSpec, world_size: int = 1) -> int:
     """Bytes per GPU that training needs before any activation: weights + grads + sharded state.
-    Uses the parameter formula in shared/nanochat/sizing.py."""
-    try:
-        from shared.nanochat.sizing import param_breakdown
-    except ImportError:  # the ML core's sizing module is not installed in this image
-        return None
+    Uses the parameter formula in shared/nanochat/sizing.py (no model is allocated)."""
+    from shared.nanochat.sizing import param_breakdown
+
     try:
         total = int(param_breakdown(model.gpt_config())["total"])
     except ValueError as e:
