@@ -178,8 +178,10 @@ def _sdpa(q, k, v, window: int, q_offset: int) -> torch.Tensor:
 
 def _flex(q, k, v, window: int, q_offset: int) -> torch.Tensor:
     tq, tk = q.shape[1], k.shape[1]
-    if q_offset != 0 or tq != tk or window >= tq - 1:
-        # FlexAttention pays off only for windowed training/prefill; everything else is SDPA.
+    cpu_grad = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if q_offset != 0 or tq != tk or window >= tq - 1 or cpu_grad:
+        # FlexAttention pays off only for windowed training/prefill; everything else is SDPA
+        # (also CPU training: flex has no CPU backward in torch 2.13).
         return _sdpa(q, k, v, window, q_offset)
     block_mask = _sliding_block_mask(tq, window, str(q.device))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))

@@ -1,0 +1,148 @@
+"""Every attention backend this machine has must equal the fp32 math reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.nanochat.attention import (
+    attention,
+    attention_with_cache,
+    available_backends,
+    causal_window_mask,
+    select_backend,
+)
+
+CPU_BACKENDS = [b for b in available_backends("cpu") if b != "math"]
+
+
+def qkv(b=2, t=48, h=4, hkv=2, d=16, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, d, generator=g)
+    k = torch.randn(b, t, hkv, d, generator=g)
+    v = torch.randn(b, t, hkv, d, generator=g)
+    return (x.to(device=device, dtype=dtype) for x in (q, k, v))
+
+
+def test_mask_semantics_match_flash_attention_window():
+    m = causal_window_mask(4, 4, window=1, device="cpu")
+    # query i sees keys i-1..i: FlashAttention's window_size=(1, 0)
+    assert m.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+
+
+def test_math_reference_against_explicit_loop():
+    q, k, v = qkv(b=1, t=10, h=2, hkv=1, d=4)
+    y = attention(q, k, v, window=3, backend="math")
+    for i in range(10):
+        lo = max(0, i - 3)
+        s = (q[0, i, 0] @ k[0, lo : i + 1, 0].T) / 2.0
+        want = torch.softmax(s, -1) @ v[0, lo : i + 1, 0]
+        assert torch.allclose(y[0, i, 0], want, atol=1e-5)
+
+
+def test_cpu_has_sdpa_and_flex():
+    assert {"sdpa", "flex", "math"} <= set(available_backends("cpu"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("window", [47, 100, 16, 5])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_backend_equals_math(backend, window, hkv):
+    q, k, v = qkv(hkv=hkv)
+    want = attention(q, k, v, window=window, backend="math")
+    got = attention(q, k, v, window=window, backend=backend)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["math"])
+@pytest.mark.parametrize("window", [100, 7])
+@pytest.mark.parametrize("chunks", [[48], [20, 1, 1, 26], [1] * 12 + [36], [30, 18]])
+def test_cached_decode_equals_full(backend, window, chunks):
+    """Prefill + chunked/single-token decode through the cache gives the full-sequence output."""
+    q, k, v = qkv()
+    want = attention(q, k, v, window=window, backend="math")
+    k_cache = torch.zeros(2, 64, 2, 16)
+    v_cache = torch.zeros(2, 64, 2, 16)
+    outs, pos = [], 0
+    for n in chunks:
+        sl = slice(pos, pos + n)
+        outs.append(
+            attention_with_cache(
+                q[:, sl], k[:, sl], v[:, sl], k_cache, v_cache, pos, window=window, backend=backend
+            )
+        )
+        pos += n
+    got = torch.cat(outs, dim=1)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_cache_overflow_is_an_error():
+    q, k, v = qkv(t=4)
+    with pytest.raises(ValueError, match="overflow"):
+        attention_with_cache(q, k, v, torch.zeros(2, 3, 2, 16), torch.zeros(2, 3, 2, 16), 0, window=8)
+
+
+def test_select_backend():
+    assert select_backend("cpu", 512, 2048) == "sdpa"
+    assert select_backend("cpu", 512, 2048, requested="flex") == "flex"
+    assert select_backend("cpu", 512, 2048, requested="math") == "math"
+    with pytest.raises(ValueError, match="attn_backend"):
+        select_backend("cpu", 512, 2048, requested="fa3")
+    with pytest.raises(ValueError, match="attn_backend"):
+        select_backend("cpu", 512, 2048, requested="nope")
+
+
+def test_gpt_output_identical_across_cpu_backends(make_model):
+    idx = torch.randint(0, 300, (2, 64))
+    outs = {}
+    for backend in CPU_BACKENDS + ["math"]:
+        model = make_model(seed=3)
+        model.attn_backend = backend
+        outs[backend] = model(idx)
+    for backend, out in outs.items():
+        assert torch.allclose(out, outs["math"], atol=1e-4), backend
+
+
+def _gpu_device():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA/ROCm device")
+    return "cuda"
+
+
+GPU_BACKENDS = ["fa3", "flash", "flex", "sdpa"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("window", [2047, 512, 100])
+@pytest.mark.parametrize("hkv", [8, 2])
+def test_gpu_backend_equals_math(backend, window, hkv):
+    dev = _gpu_device()
+    if backend not in available_backends(dev):
+        pytest.skip(f"{backend} not available on this device")
+    q, k, v = qkv(b=2, t=2048, h=8, hkv=hkv, d=128, dtype=torch.bfloat16, device=dev)
+    want = attention(q, k, v, window=window, backend="math").float()
+    got = attention(q, k, v, window=window, backend=backend).float()
+    assert (got - want).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_cached_decode_equals_full(backend):
+    dev = _gpu_device()
+    if backend not in available_backends(dev):
+        pytest.skip(f"{backend} not available on this device")
+    q, k, v = qkv(b=2, t=300, h=8, hkv=2, d=128, dtype=torch.bfloat16, device=dev)
+    want = attention(q, k, v, window=128, backend="math").float()
+    k_cache = torch.zeros(2, 512, 2, 128, dtype=torch.bfloat16, device=dev)
+    v_cache = torch.zeros_like(k_cache)
+    outs, pos = [], 0
+    for n in [200, 1, 1, 98]:
+        sl = slice(pos, pos + n)
+        outs.append(
+            attention_with_cache(
+                q[:, sl], k[:, sl], v[:, sl], k_cache, v_cache, pos, window=128, backend=backend
+            )
+        )
+        pos += n
+    assert (torch.cat(outs, 1).float() - want).abs().max() < 2e-2
