@@ -47,6 +47,7 @@ class LaunchConfig:
     poll_seconds: float = 0.5
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)
+    entry_module: str = ENTRY_MODULE  # the trainer's CLI (`{mode} --config --progress --stop`)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,11 +88,11 @@ def build_command(cfg: LaunchConfig) -> list[str]:
         str(cfg.run.stop_file),
     ]
     if cfg.nproc == 1:
-        return [cfg.python, "-m", ENTRY_MODULE, *args]
+        return [cfg.python, "-m", cfg.entry_module, *args]
     # `python -m torch.distributed.run` is torchrun without depending on PATH.
     return [
         cfg.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
-        "-m", ENTRY_MODULE, *args,
+        "-m", cfg.entry_module, *args,
     ]  # fmt: skip
 
 

@@ -1,0 +1,158 @@
+"""Stage orchestration and the reconciler against the real PostgreSQL registry, without Celery.
+
+`run_stage` gets the real stage functions; what would be sent to the broker is collected by the
+`enqueue` callback (the Celery path itself is covered in test_queue_flow.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from services.worker.pipeline import first_unfinished_stage, job_stages, run_stage
+from services.worker.reconciler import ReconcileConfig, reconcile_once
+from shared.db import registry
+from shared.db.session import session_scope
+from shared.settings import get_settings
+
+
+def _run(sessions, job_id, stage, worker="w1"):
+    sent: list[tuple[str, str]] = []
+    out = run_stage(job_id, stage, settings=get_settings(), sessions=sessions, worker_id=worker,
+                    enqueue=lambda j, st: sent.append((j, st)))
+    return out, sent
+
+
+def _job(sessions, job_id):
+    with session_scope(sessions) as s:
+        job = registry.get_job(s, job_id)
+        return job, {st.name: st for st in job.stages}
+
+
+def test_stage_runs_once_and_hands_over(sessions, submit, make_spec):
+    job_id = submit(make_spec(stages=["data", "tokenizer"]), enqueue=False)
+    out, sent = _run(sessions, job_id, "data")
+    assert out == "ran"
+    assert sent == [(job_id, "tokenizer")]
+    job, stages = _job(sessions, job_id)
+    assert job.status == "running" and stages["data"].status == "succeeded"
+    data_dir = stages["data"].outputs["data_dir"]
+    assert data_dir.endswith("demo-3") and stages["data"].outputs["report"]["num_shards"] == 3
+    # The lease was released before the next stage was sent, so its worker can take the job.
+    with session_scope(sessions) as s:
+        assert registry.get_lease(s, job_id) is None
+
+    # A redelivered "data" message: dropped as a duplicate, the pending next stage is sent again.
+    out, sent = _run(sessions, job_id, "data", worker="w2")
+    assert out == "duplicate" and sent == [(job_id, "tokenizer")]
+    # A message for a stage whose predecessor has not run is dropped.
+    out, sent = _run(sessions, job_id, "report")
+    assert out == "out_of_order" and sent == []
+
+    out, sent = _run(sessions, job_id, "tokenizer")
+    assert out == "ran" and sent == [(job_id, "report")]
+    _, stages = _job(sessions, job_id)
+    tok = stages["tokenizer"].outputs
+    assert tok["vocab_size"] == 512 and tok["bytes_per_token"] > 1.0
+    # Redelivered tokenizer stage after success: nothing is retrained.
+    assert _run(sessions, job_id, "tokenizer")[0] == "duplicate"
+    with session_scope(sessions) as s:
+        assert first_unfinished_stage(s, job_id) == "report"
+        started = [e for e in registry.list_events(s, job_id, limit=1000) if e.type == "stage_started"]
+    assert [e.stage for e in started] == ["data", "tokenizer"]
+
+
+def test_lease_held_elsewhere_drops_message(sessions, submit, make_spec):
+    job_id = submit(make_spec(stages=["data"]), enqueue=False)
+    with session_scope(sessions) as s:
+        assert registry.acquire_lease(s, job_id, "other-worker", 60)
+    out, sent = _run(sessions, job_id, "data")
+    assert out == "leased" and sent == []
+    job, stages = _job(sessions, job_id)
+    assert job.status == "queued" and stages["data"].status == "pending"
+
+
+def test_cancel_before_start(sessions, submit, make_spec):
+    job_id = submit(make_spec(stages=["data"]), enqueue=False)
+    with session_scope(sessions) as s:
+        # Simulates a cancel landing between lease and start: the worker holds a lease, so the
+        # registry only flags it (cancelling) and the worker must finish the cancel.
+        registry.acquire_lease(s, job_id, "w1", 60)
+        assert registry.request_cancel(s, job_id).status == "cancelling"
+    out, _ = _run(sessions, job_id, "data", worker="w1")
+    assert out == "cancelled"
+    job, stages = _job(sessions, job_id)
+    assert job.status == "cancelled" and stages["data"].status == "cancelled"
+    with session_scope(sessions) as s:
+        assert registry.get_lease(s, job_id) is None
+
+
+def test_stage_failure_is_recorded(sessions, submit, make_spec, platform_env):
+    from pathlib import Path
+
+    home = Path(platform_env["NCP_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "empty.txt").write_text("")  # a local corpus with no text at all
+    job_id = submit(make_spec(stages=["data"], data={"source": "local", "path": "empty.txt"}), enqueue=False)
+    out, sent = _run(sessions, job_id, "data")
+    assert out == "failed" and sent == []
+    job, stages = _job(sessions, job_id)
+    assert job.status == "failed" and job.error_code == "stage_failed"
+    assert "empty.txt" in stages["data"].error and "document" in stages["data"].error
+    with session_scope(sessions) as s:
+        assert registry.get_lease(s, job_id) is None
+
+
+def test_reconciler_requeues_retries_and_gives_up(sessions, submit, make_spec):
+    cfg = ReconcileConfig(max_attempts=2, grace_seconds=0, interval_seconds=1)
+    sent: list[str] = []
+
+    def enqueue(job_id):
+        sent.append(job_id)
+        return "data"
+
+    lost = submit(make_spec(stages=["data"]), enqueue=False)  # its message never reached a broker
+    crashed = submit(make_spec(stages=["data"]), enqueue=False)
+    cancelling = submit(make_spec(stages=["data"]), enqueue=False)
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=30)
+    with session_scope(sessions) as s:
+        registry.acquire_lease(s, crashed, "dead-worker", 1, now=past)
+        registry.start_stage(s, crashed, "data")
+        registry.acquire_lease(s, cancelling, "dead-too", 60)
+        registry.request_cancel(s, cancelling)
+        registry.acquire_lease(s, cancelling, "dead-too", 1, now=past)  # then it died
+
+    actions = {a.job_id: a for a in reconcile_once(sessions, cfg, enqueue)}
+    assert actions[lost].action == "requeued"
+    assert actions[crashed].action == "retried"
+    assert actions[cancelling].action == "cancelled"
+    # (earlier tests of this module left jobs in the same database; only ours are checked)
+    assert sorted(j for j in sent if j in (lost, crashed, cancelling)) == sorted([lost, crashed])
+    with session_scope(sessions) as s:
+        assert registry.get_job(s, lost).attempts == 0  # a lost message is not a failed attempt
+        assert registry.get_job(s, crashed).attempts == 1
+        assert registry.get_lease(s, crashed) is None  # the dead worker's lease was dropped
+        assert registry.get_job(s, cancelling).status == "cancelled"
+
+        # The retried worker dies too: the second expired lease exhausts max_attempts.
+        registry.acquire_lease(s, crashed, "dead-again", 1, now=past)
+    actions = {a.job_id: a for a in reconcile_once(sessions, cfg, enqueue)}
+    assert actions[crashed].action == "failed"
+    job, stages = _job(sessions, crashed)
+    assert job.status == "failed" and job.error_code == "max_attempts" and job.attempts == 2
+    assert stages["data"].status == "failed"
+
+
+def test_reconciler_leaves_live_and_recent_jobs_alone(sessions, submit, make_spec):
+    busy = submit(make_spec(stages=["data"]), enqueue=False)
+    with session_scope(sessions) as s:
+        registry.acquire_lease(s, busy, "alive", 60)
+    fresh = submit(make_spec(stages=["data"]), enqueue=False)
+    sent: list[str] = []
+    cfg = ReconcileConfig(max_attempts=3, grace_seconds=30, interval_seconds=1)
+    acted = {a.job_id for a in reconcile_once(sessions, cfg, lambda j: sent.append(j))}
+    assert busy not in acted and fresh not in acted and busy not in sent and fresh not in sent
+
+
+def test_job_stages_end_with_report():
+    assert job_stages({"kind": "eval", "stages": None}) == ["base_eval", "report"]
+    assert job_stages({"kind": "pipeline", "stages": ["data", "tokenizer"]}) == ["data", "tokenizer", "report"]
