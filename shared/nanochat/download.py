@@ -58,7 +58,6 @@ class DownloadConfig:
     backoff_seconds: float = 1.0  # first wait; doubles per failed attempt
     max_backoff_seconds: float = 60.0
     timeout_seconds: float = 30.0
-    chunk_bytes: int = 1 << 20
 
     def __post_init__(self):
         if self.workers < 1:
@@ -142,7 +141,10 @@ def _attempt(
 ) -> tuple[int | None, str | None]:
     """One GET into `part` (resumed from its current size). -> (total size, sha256) learned."""
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # Identity encoding: byte offsets for Range must be offsets into the file itself.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
     with client.stream("GET", spec.url, headers=headers) as r:
         if r.status_code in _PERMANENT:
             raise DownloadError(f"shard {spec.name}: HTTP {r.status_code} from {spec.url}")
@@ -165,7 +167,7 @@ def _attempt(
             mode = "wb"  # server ignored the range: start over
         size = size if size is not None else total
         with open(part, mode) as f:
-            for block in r.iter_bytes(cfg.chunk_bytes):
+            for block in r.iter_raw():  # written as it arrives: a drop keeps every byte received
                 f.write(block)
     got = part.stat().st_size
     if total is not None and got < total:
