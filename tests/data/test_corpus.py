@@ -38,7 +38,7 @@ def test_demo_corpus_layout(demo_dir):
 def test_demo_corpus_deterministic_and_idempotent(tmp_path):
     a = write_demo_corpus(tmp_path / "a", max_bytes=50_000, seed=1)
     b = write_demo_corpus(tmp_path / "b", max_bytes=50_000, seed=1)
-    c = write_demo_corpus(tmp_path / "c", max_bytes=50_000, seed=2)
+    write_demo_corpus(tmp_path / "c", max_bytes=50_000, seed=2)
     assert _texts(tmp_path / "a") == _texts(tmp_path / "b")
     assert _texts(tmp_path / "a") != _texts(tmp_path / "c")
     assert a.docs == b.docs
