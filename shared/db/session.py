@@ -77,14 +77,16 @@ def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
 def begin_write(session: Session) -> None:
     """Start the session's transaction as a write transaction (SQLite: BEGIN IMMEDIATE).
 
-    Called at the top of every registry function that writes. A no-op on PostgreSQL, and when the
-    session is already inside a transaction (the caller then owns the consequences).
+    Called at the top of every registry function that writes; a no-op on PostgreSQL, whose row
+    locks do the job. On SQLite a transaction the session already has open (typically a read)
+    is committed first, because it cannot be upgraded to a write lock safely; the registry
+    function commits right after anyway, so the caller's pending changes land either way.
     """
-    if session.in_transaction():
+    if session.get_bind().dialect.name != "sqlite":
         return
-    bind = session.get_bind()
-    if bind.dialect.name == "sqlite":
-        session.connection(execution_options={_WRITE_OPTION: True})
+    if session.in_transaction():
+        session.commit()
+    session.connection(execution_options={_WRITE_OPTION: True})
 
 
 @contextmanager

@@ -1,0 +1,125 @@
+"""JobSpec validation: every refusal names the offending field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from shared.jobs.spec import DEFAULT_STAGES, STAGES, JobSpec, demo_spec, training_memory_floor
+
+
+def bad_field(data: dict, roots: list[Path] | None = None) -> tuple[str, str]:
+    ctx = {"roots": roots} if roots is not None else None
+    with pytest.raises(ValidationError) as ei:
+        JobSpec.model_validate(data, context=ctx)
+    err = ei.value.errors()[0]
+    return ".".join(str(p) for p in err["loc"]), err["msg"]
+
+
+def test_defaults_per_kind():
+    assert JobSpec().stages == list(STAGES)
+    assert JobSpec(kind="pretrain").stages == list(DEFAULT_STAGES["pretrain"])
+    spec = JobSpec.model_validate({"kind": "sft", "parent_job_id": "abc-123"})
+    assert spec.stages == ["sft", "chat_eval"]
+
+
+def test_demo_preset_is_tiny_and_cpu():
+    spec = demo_spec()
+    assert 2 <= spec.model.depth <= 4 and spec.model.head_dim == 64
+    assert 512 <= spec.model.vocab_size <= 2048
+    assert spec.hardware.device == "cpu" and spec.hardware.gpus == 0
+    assert spec.horizon.num_iterations is not None and spec.horizon.num_iterations <= 100
+    # The preset round-trips through JSON unchanged (what the CLI sends is what the API stores).
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"model": {"depth": 4, "layers": 3}}, "model.layers"),
+        ({"model": {"depth": 0}}, "model.depth"),
+        ({"model": {"depth": "deep"}}, "model.depth"),
+        ({"model": {"depth": 4, "head_dim": 63}}, "model.head_dim"),
+        ({"model": {"depth": 4, "window_pattern": "SXL"}}, "model.window_pattern"),
+        ({"model": {"depth": 4, "n_kv_head": 3}}, "model.n_kv_head"),
+        ({"horizon": {"num_iterations": -5}}, "horizon.num_iterations"),
+        ({"horizon": {"num_iterations": 10, "target_flops": 1e18}}, "horizon.target_flops"),
+        ({"checkpoint": {"every": -1}}, "checkpoint.every"),
+        ({"batch": {"device_batch_size": 0}}, "batch.device_batch_size"),
+        ({"batch": {"device_batch_size": 4, "total_batch_size": 1000}}, "batch.total_batch_size"),
+        ({"tokenizer": {"vocab_size": 4096}}, "tokenizer.vocab_size"),
+        ({"kind": "sft"}, "parent_job_id"),
+        ({"stages": ["pretrain", "data"]}, "stages"),
+        ({"stages": []}, "stages"),
+        ({"stages": ["data", "train"]}, "stages.1"),
+        ({"kind": "finetune"}, "kind"),
+        ({"hardware": {"gpus": 0, "device": "cuda"}}, "hardware.gpus"),
+        ({"data": {"source": "local"}}, "data.path"),
+        ({"data": {"source": "remote"}}, "data.base_url"),
+        ({"data": {"source": "remote", "base_url": "ftp://x/y"}}, "data.base_url"),
+        ({"sft": {"sources": [{"kind": "gsm8k"}]}}, "sft.sources.0.path"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_refusals_name_the_field(data, field):
+    assert bad_field(data)[0] == field
+
+
+def test_model_too_big_for_any_gpu_names_depth():
+    field, msg = bad_field({"model": {"depth": 64}, "hardware": {"gpus": 1}})
+    assert field == "model.depth" and "GB" in msg
+    # The same model sharded over 8 GPUs has a floor under the largest accelerator.
+    JobSpec.model_validate({"model": {"depth": 64}, "hardware": {"gpus": 8}})
+    floor_1, floor_8 = (training_memory_floor(JobSpec().model, n) for n in (1, 8))
+    assert floor_8 < floor_1
+
+
+def test_data_path_must_stay_under_allowed_roots(tmp_path):
+    home, extra, outside = tmp_path / "home", tmp_path / "datasets", tmp_path / "elsewhere"
+    for d in (home, extra, outside):
+        d.mkdir()
+    (home / "link").symlink_to(outside)
+    roots = [home, extra]
+    ok = {"data": {"source": "local", "path": str(extra / "corpus")}}
+    assert JobSpec.model_validate(ok, context={"roots": roots}).data.path == str(extra / "corpus")
+    JobSpec.model_validate({"data": {"source": "local", "path": "corpus/shards"}}, context={"roots": roots})
+    for escape in ["../elsewhere", str(outside), "/etc/passwd", str(home / "link" / "x"), "corpus/../../elsewhere"]:
+        field, msg = bad_field({"data": {"source": "local", "path": escape}}, roots)
+        assert field == "data.path" and "outside the allowed data roots" in msg, escape
+    field, _ = bad_field({"sft": {"sources": [{"kind": "conversations", "path": "/etc"}]}}, roots)
+    assert field == "sft.sources.0.path"
+
+
+def test_roots_default_to_settings(tmp_path, monkeypatch):
+    data_root = tmp_path / "mounted"
+    monkeypatch.setenv("NCP_DATA_ROOTS", f'["{data_root}"]')
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    JobSpec.model_validate({"data": {"source": "local", "path": str(data_root / "x")}})
+    JobSpec.model_validate({"data": {"source": "local", "path": os.environ["NCP_HOME"] + "/datasets/y"}})
+    assert bad_field({"data": {"source": "local", "path": str(tmp_path / "other")}})[0] == "data.path"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    depth=st.integers(1, 12),
+    iters=st.integers(1, 10_000),
+    dbs=st.sampled_from([1, 2, 4, 8]),
+    gpus=st.integers(1, 8),
+    kind=st.sampled_from(["pipeline", "pretrain"]),
+)
+def test_valid_specs_round_trip(depth, iters, dbs, gpus, kind):
+    spec = JobSpec.model_validate({
+        "kind": kind, "model": {"depth": depth, "sequence_len": 512},
+        "horizon": {"num_iterations": iters}, "hardware": {"gpus": gpus},
+        "batch": {"device_batch_size": dbs, "total_batch_size": dbs * 512 * gpus * 2},
+    })
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+    assert spec.stages == list(DEFAULT_STAGES[kind])
