@@ -12,7 +12,6 @@ Hooks and result are the pretraining ones (train.TrainHooks / TrainResult).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,7 +27,7 @@ from shared.nanochat.checkpoint import (
     model_config_from_meta,
     save_checkpoint,
 )
-from shared.nanochat.device import DeviceInfo, detect_device
+from shared.nanochat.device import DistInfo, choose_dtype, detect_device, init_distributed
 from shared.nanochat.gpt import GPT
 from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups
 from shared.nanochat.sft_data import MIXTURES, PackerState, build_mixture, packed_batches
@@ -153,13 +152,7 @@ def muon_momentum(step: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def _resolve_device(info: DeviceInfo) -> torch.device:
-    if info.type == "cuda":  # one GPU per rank under torchrun
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(info.type)
-
-
-def _optimizer(model: GPT, cfg: SFTConfig, base_meta: dict) -> MuonAdamW:
+def _optimizer(model: GPT, cfg: SFTConfig, base_meta: dict, device: torch.device) -> MuonAdamW:
     # the base run's peak LRs (unscaled by batch size, as the reference SFT inherits them)
     base_user = base_meta.get("user_config") or base_meta.get("train_config") or {}
     defaults = OptimizerConfig()
@@ -171,7 +164,7 @@ def _optimizer(model: GPT, cfg: SFTConfig, base_meta: dict) -> MuonAdamW:
     for g in groups:
         g["lr"] *= cfg.init_lr_frac
         g["initial_lr"] = g["lr"]
-    return MuonAdamW(groups)
+    return MuonAdamW(groups, ortho_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _load_momenta(optimizer: MuonAdamW, state: dict) -> None:
@@ -187,15 +180,14 @@ def _load_momenta(optimizer: MuonAdamW, state: dict) -> None:
 
 @torch.no_grad()
 def _val_bpb(
-    model, tokenizer, conversations, cfg: SFTConfig, seq_len: int, token_bytes, device
+    model, tokenizer, conversations, cfg: SFTConfig, seq_len: int, token_bytes, dinfo: DistInfo
 ) -> float | None:
     from shared.nanochat.eval.bpb import evaluate_bpb
 
-    if not conversations:
+    if len(conversations) < dinfo.world_size:
         return None
-    batches = (
-        (x.to(device), y.to(device))
-        for x, y, _ in packed_batches(tokenizer, conversations, cfg.device_batch_size, seq_len)
+    batches = packed_batches(
+        tokenizer, conversations, cfg.device_batch_size, seq_len, rank=dinfo.rank, world_size=dinfo.world_size
     )
     model.eval()
     try:
@@ -204,18 +196,26 @@ def _val_bpb(
         model.train()
 
 
-def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
-    """Fine-tune; returns after `num_iterations` steps (or one epoch) or when should_stop says so."""
-    from shared.nanochat.tokenizer import token_bytes as token_bytes_of
+def _any_rank(flag: bool, dinfo: DistInfo) -> bool:
+    """True on every rank if it is true on any (stop requests, end of epoch)."""
+    if not dinfo.is_distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=dinfo.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
-    hooks = hooks or TrainHooks()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    dev_info = detect_device(cfg.device)
-    device = _resolve_device(dev_info)
-    torch.manual_seed(cfg.seed)
-    tokenizer = Tokenizer.load(Path(cfg.tokenizer_dir))
+
+def _sum_over_ranks(values: list[float], dinfo: DistInfo) -> list[float]:
+    if not dinfo.is_distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=dinfo.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _load_start(cfg: SFTConfig, tokenizer: Tokenizer, dinfo: DistInfo, dtype: torch.dtype):
+    """(model, optimizer, meta of what was loaded, base meta, resumed step or None, optimizer loaded?)."""
     out_dir = Path(cfg.out_dir)
-
     resume_step = latest_step(out_dir) if cfg.resume and out_dir.exists() else None
     if resume_step is not None:
         src_dir, src_step = out_dir, resume_step
@@ -226,9 +226,9 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
             if src_step is None:
                 raise FileNotFoundError(f"base_checkpoint_dir: no complete checkpoint in {src_dir}")
     # a base checkpoint without optimizer state (e.g. an imported one) trains from fresh momenta
-    with_optim = cfg.load_optimizer and (src_dir / OPTIM_FILE.format(step=src_step, rank=rank)).exists()
+    with_optim = cfg.load_optimizer and (src_dir / OPTIM_FILE.format(step=src_step, rank=dinfo.rank)).exists()
     model_state, optim_state, meta = load_checkpoint(
-        src_dir, src_step, device=device, load_optimizer=with_optim, rank=rank
+        src_dir, src_step, device=dinfo.device, load_optimizer=with_optim, rank=dinfo.rank
     )
     base_meta = meta if resume_step is None else meta.get("base_meta", {})
     model_config = model_config_from_meta(meta, src_dir)
@@ -238,17 +238,32 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
         )
     check_state_matches(model_state, model_config, src_dir)
     with torch.device("meta"):
-        model = GPT(model_config, compute_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    model.to_empty(device=device)
-    model.init_weights()  # sets storage dtypes and rotary tables; values come from the state next
+        model = GPT(model_config, compute_dtype=dtype)
+    model.to_empty(device=dinfo.device)
+    model.init_weights()  # storage dtypes and rotary tables; the values come from the state next
     model.load_state_dict(model_state, strict=True)
     del model_state
-    optimizer = _optimizer(model, cfg, base_meta)
-    optimizer_loaded = optim_state is not None
+    optimizer = _optimizer(model, cfg, base_meta, dinfo.device)
     if optim_state is not None:
         _load_momenta(optimizer, optim_state)
-        del optim_state
+    return model, optimizer, meta, base_meta, resume_step, optim_state is not None
 
+
+def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
+    """Fine-tune; returns after `num_iterations` steps (or one epoch) or when should_stop says so."""
+    from shared.nanochat.tokenizer import token_bytes as token_bytes_of
+
+    hooks = hooks or TrainHooks()
+    dev = detect_device(cfg.device)
+    dinfo = init_distributed(dev.type)
+    device, rank, world = dinfo.device, dinfo.rank, dinfo.world_size
+    torch.manual_seed(cfg.seed)
+    tokenizer = Tokenizer.load(Path(cfg.tokenizer_dir))
+    out_dir = Path(cfg.out_dir)
+    model, optimizer, meta, base_meta, resume_step, optimizer_loaded = _load_start(
+        cfg, tokenizer, dinfo, choose_dtype(dev.type)
+    )
+    model_config = model.config
     seq_len = cfg.max_seq_len or model_config.sequence_len
     mixture = build_mixture(
         cfg.mixture,
@@ -260,70 +275,78 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
     )
     n_val = int(len(mixture) * cfg.val_fraction)
     val_convs, train_convs = mixture[:n_val], mixture[n_val:]
+    if len(train_convs) < world:
+        raise ValueError(f"mixture: {len(train_convs)} training conversations for {world} ranks")
     loop = meta.get("loop_state", {}) if resume_step is not None else {}
-    packer = PackerState(**loop["packer"]) if "packer" in loop else PackerState(cursor=rank)
+    state = PackerState(**loop["packer"]) if "packer" in loop else PackerState(cursor=rank)
     batches = packed_batches(
-        tokenizer, train_convs, cfg.device_batch_size, seq_len, rank=rank, world_size=world, state=packer
+        tokenizer, train_convs, cfg.device_batch_size, seq_len, rank=rank, world_size=world, state=state
     )
     tok_bytes = token_bytes_of(tokenizer).to(device)
 
     step = int(loop.get("step", 0))
+    start_step = step
     losses: list[float] = []
-    last_loss = float("nan")
+    last_loss: float | None = None
     val_bpb = meta.get("val_bpb") if resume_step is not None else None
     checkpoint_step = resume_step
     tokens_per_step = cfg.device_batch_size * seq_len * cfg.grad_accum_steps * world
     flops_per_token = model.estimate_flops()
     empty_steps = 0
     t_start = time.time()
-    state = packer
 
     def progress_frac() -> float:
         if cfg.num_iterations > 0:
             return step / cfg.num_iterations
-        return min(1.0, state.consumed / max(1, len(train_convs)))
+        return min(1.0, state.consumed / len(train_convs))
 
     def save() -> None:
         nonlocal checkpoint_step
-        loop_state = {"step": step, "packer": asdict(state)}
         meta_out = {
-            "step": step,
             "kind": "sft",
             "val_bpb": val_bpb,
             "model_config": model_config.to_dict(),
             "user_config": cfg.to_dict(),
-            "base_meta": {k: v for k, v in base_meta.items() if k != "loop_state"},
-            "loop_state": loop_state,
+            "max_seq_len": seq_len,
+            "device_batch_size": cfg.device_batch_size,
+            "base_meta": {
+                k: v for k, v in base_meta.items() if not k.startswith(("loop_state", "dataloader"))
+            },
+            # the packer state of rank 0; every rank's cursor differs only by its rank offset
+            "loop_state": {"step": step, "packer": asdict(state)},
             "optimizer_loaded": optimizer_loaded,
         }
         path = save_checkpoint(
-            out_dir, step, model.state_dict(), optimizer.state_dict(), meta_out, rank=rank, world_size=world
+            out_dir,
+            step,
+            model.state_dict() if rank == 0 else None,
+            optimizer.state_dict(),
+            meta_out,
+            rank=rank,
+            world_size=world,
         )
         checkpoint_step = step
         if hooks.on_checkpoint and rank == 0:
-            hooks.on_checkpoint(
-                {
-                    "step": step,
-                    "path": str(path),
-                    "files": sorted(p.name for p in out_dir.glob(f"*{step:06d}*")),
-                }
+            files = sorted(
+                p.name for p in out_dir.iterdir() if f"_{step:06d}" in p.name and not p.name.startswith(".")
             )
+            hooks.on_checkpoint({"step": step, "path": str(path), "files": files})
 
     def evaluate() -> None:
         nonlocal val_bpb
-        val_bpb = _val_bpb(model, tokenizer, val_convs, cfg, seq_len, tok_bytes, device)
+        val_bpb = _val_bpb(model, tokenizer, val_convs, cfg, seq_len, tok_bytes, dinfo)
         if hooks.on_eval and rank == 0 and val_bpb is not None:
             hooks.on_eval({"step": step, "val_bpb": val_bpb})
 
     model.train()
     stopped = False
     while True:
-        done = (cfg.num_iterations > 0 and step >= cfg.num_iterations) or (
-            cfg.num_iterations < 0 and state.consumed >= len(train_convs)
-        )
-        if done:
+        finished = cfg.num_iterations > 0 and step >= cfg.num_iterations
+        if cfg.num_iterations < 0:  # one epoch: ranks consume at different rates, stop together
+            finished = _any_rank(state.consumed >= len(train_convs), dinfo)
+        if finished:
             break
-        if hooks.should_stop and hooks.should_stop():
+        if _any_rank(bool(hooks.should_stop and hooks.should_stop()), dinfo):
             stopped = True
             break
         t0 = time.time()
@@ -332,47 +355,52 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-        step_loss, step_targets = 0.0, 0
+        step_nats, step_targets = 0.0, 0
         for _ in range(cfg.grad_accum_steps):
             x, y, state = next(batches)
-            x, y = x.to(device), y.to(device)
-            loss, n_targets = masked_loss(model, x, y)
-            if n_targets == 0:
-                continue  # nothing to learn from this micro-batch
-            (loss / cfg.grad_accum_steps).backward()
-            step_loss += loss.item() * n_targets
-            step_targets += n_targets
-        if step_targets == 0:
+            loss, n_targets = masked_loss(model, x.to(device), y.to(device))
+            if n_targets:
+                (loss / cfg.grad_accum_steps).backward()
+                step_nats += loss.item() * n_targets
+                step_targets += n_targets
+        # every rank must take part in the optimizer's collectives, even one with nothing to learn
+        step_nats, total_targets = _sum_over_ranks([step_nats, float(step_targets)], dinfo)
+        if total_targets == 0:
             empty_steps += 1
             if empty_steps >= 10:
                 raise ValueError("mixture: 10 consecutive batches had no assistant tokens to train on")
             model.zero_grad(set_to_none=True)
             continue
         empty_steps = 0
+        if step_targets == 0:  # this rank saw only padding: give the optimizer zero gradients
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         step += 1
-        last_loss = step_loss / step_targets
+        last_loss = step_nats / total_targets
         losses.append(last_loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         dt = max(time.time() - t0, 1e-9)
         if rank == 0 and hooks.on_progress and (step % cfg.log_every == 0 or step == 1):
             frac = progress_frac()
-            # one-epoch runs learn their length only by packing: extrapolate from progress so far
-            total = (
-                cfg.num_iterations if cfg.num_iterations > 0 else (round(step / frac) if frac > 0 else None)
-            )
             elapsed = time.time() - t_start
             hooks.on_progress(
                 {
                     "step": step,
-                    "total_steps": total,
+                    # one-epoch runs learn their length only by packing: extrapolate from progress
+                    "total_steps": cfg.num_iterations
+                    if cfg.num_iterations > 0
+                    else round(step / max(frac, 1e-9)),
                     "loss": last_loss,
                     "lr_mult": lrm,
                     "tokens_per_sec": tokens_per_step / dt,
-                    "mfu": mfu(flops_per_token, tokens_per_step / dt, dev_info.peak_flops, world),
-                    "flops_per_token": flops_per_token,
+                    "mfu": mfu(flops_per_token, tokens_per_step / dt, dev.peak_flops, world),
                     "eta_seconds": elapsed / frac * (1 - frac) if frac > 0 else None,
-                    "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+                    "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+                    if device.type == "cuda"
+                    else None,
                     "epoch": state.epoch,
                     "progress": frac,
                 }
@@ -381,7 +409,7 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
             evaluate()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save()
-    if not stopped:
+    if not stopped and step != start_step:
         evaluate()
     if checkpoint_step != step:
         save()
@@ -393,4 +421,5 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
         checkpoint_step=checkpoint_step,
         stopped=stopped,
         losses=losses,
+        start_step=start_step,
     )

@@ -1,0 +1,114 @@
+"""SFT on a tiny really-pretrained base model: loss falls, momenta load, hooks, stop, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from shared.nanochat.checkpoint import latest_step, load_checkpoint
+from shared.nanochat.sft import SFTConfig, masked_loss, sft
+from shared.nanochat.train import TrainHooks
+
+
+def _cfg(trained_base, tmp_path, **kw) -> SFTConfig:
+    _, tok, base = trained_base
+    args = dict(
+        base_checkpoint_dir=str(base),
+        tokenizer_dir=str(tok),
+        out_dir=str(tmp_path / "chatsft_checkpoints" / "d2"),
+        mixture="demo",
+        num_iterations=40,
+        device_batch_size=4,
+        device="cpu",
+        matrix_lr=0.02,
+        embedding_lr=0.3,
+        unembedding_lr=0.02,
+        init_lr_frac=1.0,
+        warmdown_ratio=0.2,
+    )
+    args.update(kw)
+    return SFTConfig(**args)
+
+
+def test_config_roundtrip_and_validation(tmp_path):
+    cfg = SFTConfig(
+        base_checkpoint_dir="b", tokenizer_dir="t", out_dir="o", mixture="jsonl", conversations=("c.jsonl",)
+    )
+    assert SFTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.weight_decay == 0.0
+    with pytest.raises(ValueError, match="mixture"):
+        SFTConfig(base_checkpoint_dir="b", tokenizer_dir="t", out_dir="o", mixture="web")
+    with pytest.raises(ValueError, match="tasks_dir"):
+        SFTConfig(base_checkpoint_dir="b", tokenizer_dir="t", out_dir="o", mixture="default")
+    with pytest.raises(ValueError, match="num_iterations"):
+        SFTConfig(base_checkpoint_dir="b", tokenizer_dir="t", out_dir="o", num_iterations=0)
+    with pytest.raises(ValueError, match="unknown fields"):
+        SFTConfig.from_dict({"base_checkpoint_dir": "b", "tokenizer_dir": "t", "out_dir": "o", "lr": 1})
+
+
+def test_all_masked_batch_gives_zero_not_nan(trained_base):
+    from shared.nanochat.checkpoint import build_model
+
+    model, _ = build_model(trained_base[2])
+    x = torch.randint(0, 100, (2, 16))
+    y = torch.full((2, 16), -1)
+    assert math.isnan(model(x, y).item())  # why masked_loss exists
+    loss, n = masked_loss(model, x, y)
+    assert n == 0 and loss.item() == 0.0
+    y[0, 3] = 5
+    loss, n = masked_loss(model, x, y)
+    assert n == 1 and math.isfinite(loss.item()) and loss.item() > 0
+
+
+def test_sft_loss_falls_and_writes_chat_checkpoint(trained_base, tmp_path):
+    events = {"progress": [], "checkpoint": [], "eval": []}
+    hooks = TrainHooks(
+        on_progress=events["progress"].append,
+        on_checkpoint=events["checkpoint"].append,
+        on_eval=events["eval"].append,
+    )
+    cfg = _cfg(trained_base, tmp_path)
+    result = sft(cfg, hooks)
+    assert result.step == 40 and result.checkpoint_step == 40 and not result.stopped
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert all(math.isfinite(v) for v in result.losses)
+    out = tmp_path / "chatsft_checkpoints" / "d2"
+    assert latest_step(out) == 40
+    _, optim, meta = load_checkpoint(out, 40, load_optimizer=True)
+    assert meta["kind"] == "sft" and meta["optimizer_loaded"] is True and optim is not None
+    assert meta["user_config"]["mixture"] == "demo"
+    assert events["progress"][-1]["step"] == 40 and events["progress"][-1]["total_steps"] == 40
+    assert events["checkpoint"][-1]["step"] == 40 and any(
+        f.startswith("model_") for f in events["checkpoint"][-1]["files"]
+    )
+    assert events["eval"] and math.isfinite(events["eval"][-1]["val_bpb"])
+    # resuming a finished run does no more steps
+    again = sft(cfg)
+    assert again.step == 40 and again.losses == []
+
+
+def test_sft_stops_on_request_and_resumes(trained_base, tmp_path):
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    cfg = _cfg(trained_base, tmp_path, num_iterations=6)
+    r = sft(cfg, TrainHooks(should_stop=stop))
+    assert r.stopped and r.step == 3 and r.checkpoint_step == 3
+    r2 = sft(cfg)
+    assert not r2.stopped and r2.start_step == 3 and r2.step == 6 and len(r2.losses) == 3
+
+
+def test_sft_user_jsonl_bad_line(trained_base, tmp_path):
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n[1, 2]\n'
+    )
+    with pytest.raises(ValueError, match=r"mine.jsonl:2: message 0 must be a dict"):
+        sft(_cfg(trained_base, tmp_path, mixture="jsonl", conversations=(str(bad),)))
