@@ -68,7 +68,7 @@ def list_shards(data_dir: Path) -> list[Path]:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"corpus directory {data_dir} does not exist")
     shards = [p for p in data_dir.iterdir() if SHARD_RE.match(p.name) and p.is_file()]
-    return sorted(shards, key=lambda p: int(SHARD_RE.match(p.name).group(1)))
+    return sorted(shards, key=lambda p: p.name)  # fixed-width indices: name order is index order
 
 
 def split_shards(data_dir: Path) -> tuple[list[Path], list[Path]]:

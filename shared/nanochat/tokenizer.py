@@ -86,7 +86,7 @@ class Tokenizer:
         self._file_json = hf.to_str()
         self._hf = HFTokenizer.from_str(self._file_json)
         self._hf.encode_special_tokens = True
-        self._special_ids = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}
+        self._special_ids = {s: i for s in SPECIAL_TOKENS if (i := hf.token_to_id(s)) is not None}
         self.vocab_size: int = self._hf.get_vocab_size(with_added_tokens=True)
         self.bos_token_id: int = self._special_ids[BOS]
 
@@ -165,7 +165,7 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=False)
 
-    def id_to_token(self, token_id: int) -> str:
+    def id_to_token(self, token_id: int) -> str | None:
         return self._hf.id_to_token(token_id)
 
     def token_to_bytes(self, token_id: int) -> bytes:
@@ -286,7 +286,8 @@ def compression_report(tok: Tokenizer, texts: Iterable[str]) -> dict:
     if not docs:
         raise ValueError("compression_report got no non-empty texts")
     n_bytes = sum(len(t.encode("utf-8")) for t in docs)
-    n_tokens = sum(len(ids) for ids in tok.encode(docs))
+    encoded: list[list[int]] = tok.encode(docs)  # type: ignore[assignment]  # list in, list of lists out
+    n_tokens = sum(len(ids) for ids in encoded)
     return {
         "docs": len(docs),
         "bytes": n_bytes,
