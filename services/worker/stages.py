@@ -9,7 +9,6 @@ Training and SFT run in a child process group (launcher.py); everything else run
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import tempfile
@@ -207,11 +206,12 @@ def stage_base_eval(ctx: StageContext) -> dict[str, Any]:
     from shared.nanochat.eval.runner import run_base_eval
 
     ev = ctx.spec.get("eval", {})
-    out = ctx.run.eval / "base"
+    out = ctx.run.eval  # base_eval_<step>.json, where the report looks
     result = run_base_eval(
         base_ckpt_dir(ctx), None, model_run(ctx).tokenizer, data_dir(ctx), out,
         bundle_dir=fixture_dir(ctx, "core_fixture", "write_fixture_bundle"),
         max_per_task=ev.get("core_max_per_task"), device=device(ctx),
+        bpb_tokens=int(ev.get("tokens") or 1 << 20),
     )  # fmt: skip
     return _record_eval(ctx, result, out)
 
@@ -220,7 +220,7 @@ def stage_chat_eval(ctx: StageContext) -> dict[str, Any]:
     from shared.nanochat.eval.runner import run_chat_eval
 
     ev = ctx.spec.get("eval", {})
-    out = ctx.run.eval / "chat"
+    out = ctx.run.eval  # chat_eval_<step>.json
     result = run_chat_eval(
         sft_ckpt_dir(ctx), None, model_run(ctx).tokenizer, out,
         tasks_dir=fixture_dir(ctx, "chat_fixture", "write_fixture_chat_tasks"),
@@ -236,7 +236,6 @@ def _record_eval(ctx: StageContext, result: dict[str, Any], out: Path) -> dict[s
         registry.record_eval_results(s, ctx.job_id, ctx.stage, int(step) if step is not None else None,
                                      {k: {"value": v} for k, v in numbers.items()})
         registry.record_artifact(s, ctx.job_id, ctx.stage, str(out), "eval")
-    (out / "summary.json").write_text(json.dumps(numbers, indent=2))
     return {"out_dir": str(out), "step": step, "results": numbers}
 
 
@@ -285,7 +284,7 @@ def stage_report(ctx: StageContext) -> dict[str, Any]:
         job = registry.get_job(s, ctx.job_id)
         summary = {
             "id": job.id, "kind": job.kind, "name": job.spec.get("name"), "status": job.status,
-            "spec": job.spec, "stages": {st.name: st.status for st in job.stages},
+            "stages": {st.name: st.status for st in job.stages},
             "created_at": job.created_at.isoformat(), "attempts": job.attempts,
             "checkpoints": [{"kind": c.kind, "step": c.step, "val_bpb": c.val_bpb}
                             for c in registry.list_checkpoints(s, job.id)],

@@ -34,25 +34,25 @@ def pretrain_config(spec: dict[str, Any], *, data_dir: Path, tokenizer_dir: Path
                     resume: bool) -> dict[str, Any]:
     """The TrainConfig (shared/nanochat/train.py) a job spec describes, as from_dict input.
 
-    Only what the spec states is passed; everything it leaves as None (batch size, horizon, weight
-    decay) stays None so the trainer derives it once, in sizing.py.
+    What the spec leaves as None (batch size, horizon, weight decay) is left out, so the trainer's
+    own default applies and derived numbers are computed once, in sizing.py. The vocabulary size
+    is not passed: the trainer sizes the model from the tokenizer it loads.
     """
     m, hz, b, o = spec["model"], spec.get("horizon", {}), spec.get("batch", {}), spec.get("optim", {})
     ev, ck, hw = spec.get("eval", {}), spec.get("checkpoint", {}), spec.get("hardware", {})
     cfg: dict[str, Any] = {
-        "depth": m["depth"],
-        "aspect_ratio": m["aspect_ratio"],
-        "head_dim": m["head_dim"],
-        "n_kv_head": m.get("n_kv_head"),
-        "window_pattern": str(m.get("window_pattern", "SSSL")).upper(),
-        "sequence_len": m["sequence_len"],
         "data_dir": str(data_dir),
         "tokenizer_dir": str(tokenizer_dir),
         "checkpoint_dir": str(ckpt_dir),
-        "resume": resume,
+        "depth": m["depth"],
+        "aspect_ratio": m["aspect_ratio"],
+        "head_dim": m["head_dim"],
+        "max_seq_len": m["sequence_len"],
+        "window_pattern": str(m.get("window_pattern", "SSSL")).upper(),
+        "n_kv_head": m.get("n_kv_head"),
         "num_iterations": hz.get("num_iterations"),
-        "target_param_data_ratio": hz.get("target_param_data_ratio"),
         "target_flops": hz.get("target_flops"),
+        "target_param_data_ratio": hz.get("target_param_data_ratio"),
         "device_batch_size": b.get("device_batch_size"),
         "total_batch_size": b.get("total_batch_size"),
         "embedding_lr": o.get("embedding_lr"),
@@ -64,45 +64,66 @@ def pretrain_config(spec: dict[str, Any], *, data_dir: Path, tokenizer_dir: Path
         "warmdown_ratio": o.get("warmdown_ratio"),
         "eval_every": ev.get("every"),
         "eval_tokens": ev.get("tokens"),
-        "checkpoint_every": ck.get("every"),
+        "save_every": ck.get("every"),
         "keep_last": ck.get("keep_last"),
+        "resume": resume,
         "device": hw.get("device", "auto"),
         "seed": spec.get("seed", 42),
     }
     return _known_fields("shared.nanochat.train", "TrainConfig", cfg)
 
 
-def sft_config(spec: dict[str, Any], *, tokenizer_dir: Path, base_dir: Path, out_dir: Path,
-               resume: bool, run_dir: Path) -> dict[str, Any]:
-    """The SFTConfig (shared/nanochat/sft.py) a job spec describes, as from_dict input."""
+def sft_config(spec: dict[str, Any], *, tokenizer_dir: Path, base_dir: Path, out_dir: Path, resume: bool,
+               roots: list[Path]) -> dict[str, Any]:
+    """The SFTConfig (shared/nanochat/sft.py) a job spec describes, as from_dict input.
+
+    Spec sources map onto the SFT mixtures: `demo` (generated conversations), `conversations`
+    (user JSONL files, added to the mixture), and Hub-layout task folders (`smoltalk`, `mmlu`,
+    `gsm8k`) which select the reference's default mixture read from that folder.
+    """
+    from shared.paths import resolve_under_roots
+
     sft, b, hw = spec.get("sft", {}), spec.get("batch", {}), spec.get("hardware", {})
+    sources = sft.get("sources") or [{"kind": "demo"}]
+    conversations = [str(resolve_under_roots(s["path"], roots)) for s in sources if s["kind"] == "conversations"]
+    hub = [s for s in sources if s["kind"] in ("smoltalk", "mmlu", "gsm8k")]
+    kinds = {s["kind"] for s in sources}
     cfg: dict[str, Any] = {
         "base_checkpoint_dir": str(base_dir),
         "tokenizer_dir": str(tokenizer_dir),
-        "checkpoint_dir": str(out_dir),
         "out_dir": str(out_dir),
-        "sources": sft.get("sources") or [{"kind": "demo"}],
-        "num_iterations": sft.get("num_iterations"),
+        "conversations": conversations or None,
+        "num_iterations": sft.get("num_iterations") or -1,
         "device_batch_size": sft.get("device_batch_size") or b.get("device_batch_size"),
         "resume": resume,
         "device": hw.get("device", "auto"),
         "seed": spec.get("seed", 42),
     }
+    if hub:
+        cfg["mixture"] = "default"
+        cfg["tasks_dir"] = str(resolve_under_roots(hub[0]["path"], roots))
+        for s in hub:
+            if s["kind"] in ("mmlu", "gsm8k"):
+                cfg[f"{s['kind']}_epochs"] = s.get("repeat", 1)
+    else:
+        cfg["mixture"] = "demo" if "demo" in kinds else "jsonl"
     return _known_fields("shared.nanochat.sft", "SFTConfig", cfg)
 
 
 def _known_fields(module: str, cls: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Drop Nones (the config's own default applies) and keys the config class does not have.
+    """Drop Nones (the config's own default applies); a key the config class lacks is a bug here.
 
-    The trainer's config class is the single definition of its fields; reading them from it keeps
-    this mapping from drifting. Imported only to read field names (no model is built here).
+    Imported only to read field names (no model is built in the worker process).
     """
     import dataclasses
     import importlib
 
     klass = getattr(importlib.import_module(module), cls)
     names = {f.name for f in dataclasses.fields(klass)}
-    return {k: v for k, v in cfg.items() if v is not None and k in names}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise StageError("config_mapping", f"{cls} has no field(s) {unknown}; the spec mapping is out of date")
+    return {k: v for k, v in cfg.items() if v is not None}
 
 
 def _nproc(ctx: StageContext) -> int:
@@ -219,5 +240,5 @@ def run_pretrain(ctx: StageContext, *, data_dir: Path, tokenizer_dir: Path, ckpt
 def run_sft(ctx: StageContext, *, tokenizer_dir: Path, base_dir: Path, out_dir: Path) -> dict[str, Any]:
     resume_step = latest_complete_step(out_dir)
     cfg = sft_config(ctx.spec, tokenizer_dir=tokenizer_dir, base_dir=base_dir, out_dir=out_dir,
-                     resume=resume_step is not None, run_dir=ctx.run.root)
+                     resume=resume_step is not None, roots=[ctx.settings.home, *ctx.settings.data_roots])
     return _train(ctx, "sft", cfg, out_dir, "sft", resume_step)
