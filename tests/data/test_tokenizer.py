@@ -128,3 +128,29 @@ def test_compression_report(tok, demo_dir):
     assert rep["tokens"] > 0 and 1.5 < rep["bytes_per_token"] < 8
     with pytest.raises(ValueError):
         compression_report(tok, ["", ""])
+
+
+def test_loads_in_transformers_with_chat_template(tok, tmp_path):
+    # vLLM loads the tokenizer folder through transformers: same ids, specials, chat template.
+    from transformers import AutoTokenizer
+
+    from shared.nanochat.chat_format import render_for_completion
+
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(hf).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    assert hf.bos_token_id == tok.bos_token_id
+    assert hf.eos_token_id == tok.encode_special("<|assistant_end|>")
+    assert len(hf) == tok.vocab_size
+    for text in TRICKY[1:4]:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert hf.decode(tok.encode(text)) == text
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert list(ids) == render_for_completion(tok, messages)
