@@ -71,6 +71,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     comps.update(spec_schema.pop("$defs", {}))
     comps["JobSpec"] = spec_schema
+    schema["paths"]["/jobs"]["post"]["requestBody"] = {
+        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
+    }
     app.openapi_schema = schema
     return schema
 

@@ -56,13 +56,12 @@ def _public(session: Any, job: Any) -> JobPublic:
     "", status_code=202, response_model=JobPublic, responses=_ERRORS,
     summary="Submit a job",
     description="Validates the job spec, records the job as queued and enqueues its first stage. "
-    "With an Idempotency-Key header, repeating the request returns the same job.",
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}},
+    "With an Idempotency-Key header, repeating the request returns the same job. "
+    "The body is a JobSpec (see components.schemas.JobSpec).",
 )
 def submit_job(
     request: Request, session: SessionDep, settings: SettingsDep, _auth: AuthDep,
-    body: Annotated[dict[str, Any], Body(include_in_schema=False)],
+    body: Annotated[dict[str, Any], Body()],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobPublic:
     try:
