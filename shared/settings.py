@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     )
     vllm_gpu_memory_utilization: float = 0.9
     vllm_max_model_len: int | None = None
+    vllm_dtype: str = Field(default="auto", description="vLLM --dtype (auto = config.json's torch_dtype)")
+    vllm_extra_args: str = Field(default="", description="Extra vLLM server flags, shell-split (e.g. --enforce-eager)")
 
     # --- Kubernetes multi-node training (services/train_worker/k8s.py) ------------------------
     k8s_api_url: str = Field(

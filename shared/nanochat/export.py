@@ -211,7 +211,7 @@ def check_export(export_dir: Path) -> dict:
     return config
 
 
-def load_exported(export_dir, device="cpu"):
+def load_exported(export_dir, device="cpu", *, compute_dtype: torch.dtype | None = None):
     """Rebuild (GPT, Tokenizer) from an export folder; every tensor must be present with its shape."""
     from shared.nanochat.gpt import GPT
     from shared.nanochat.tokenizer import Tokenizer
@@ -223,8 +223,13 @@ def load_exported(export_dir, device="cpu"):
         state = load_file(str(export_dir / WEIGHTS_FILE), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read {export_dir / WEIGHTS_FILE}: {e}") from e
-    with torch.device(device):
-        model = GPT(cfg)
+    device = torch.device(device)
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device("meta"):
+        model = GPT(cfg, compute_dtype=compute_dtype)
+    model.to_empty(device=device)
+    model.init_weights()  # storage dtypes + rotary tables; every value is overwritten below
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:

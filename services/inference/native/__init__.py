@@ -1,0 +1,1 @@
+"""Native OpenAI-compatible server on our own PyTorch model (fallback when vLLM is unavailable)."""
