@@ -29,15 +29,24 @@ def task_name(stage: str) -> str:
     return TASK_PREFIX + stage
 
 
+def transport_options(settings: Settings) -> dict:
+    broker_url = settings.broker_url or ""
+    if broker_url.startswith("sqla+"):
+        # kombu hands these to SQLAlchemy's create_engine: several processes share one SQLite
+        # file, so a writer waits for the lock instead of failing.
+        return {"connect_args": {"timeout": 30}} if "sqlite" in broker_url else {}
+    # Redis (and SQS): a message a worker took but never acknowledged comes back after this long.
+    # It must be longer than any stretch of work between checkpoints, or a healthy training task
+    # would be handed to a second worker; the reconciler (lease expiry) is the fast path.
+    return {"visibility_timeout": settings.visibility_timeout_seconds}
+
+
 def celery_config(settings: Settings) -> dict:
     """Every Celery knob the platform sets, in one place."""
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
-        # A message a worker took but never acknowledged comes back after this long (Redis). It
-        # must be longer than any stretch of work between checkpoints, or a healthy training task
-        # would be handed to a second worker; the reconciler (lease expiry) is the fast path.
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "broker_transport_options": transport_options(settings),
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "json",
