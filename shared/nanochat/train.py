@@ -400,7 +400,9 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                     for p in ckpt_dir.iterdir()
                     if f"_{step:06d}" in p.name and not p.name.startswith(".")
                 )
-                hooks.on_checkpoint({"step": step, "path": str(meta_path), "files": files})
+                hooks.on_checkpoint(
+                    {"step": step, "path": str(meta_path), "files": files, "val_bpb": val_bpb}
+                )
 
     def stop_requested() -> bool:
         return _all_ranks_any(bool(hooks.should_stop and hooks.should_stop()), dinfo)
