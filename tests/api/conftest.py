@@ -89,12 +89,12 @@ def free_port() -> int:
 class LiveServer:
     """The real app under uvicorn in a background thread, on 127.0.0.1:<free port>."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, host: str = "127.0.0.1") -> None:
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
                                                     lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

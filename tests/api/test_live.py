@@ -163,3 +163,39 @@ def test_cli_unreachable_api(monkeypatch, capsys):
     get_settings.cache_clear()
     assert ncp(["jobs", "list"]) == 1
     assert "cannot reach the API" in capsys.readouterr().err
+
+
+def _non_loopback_ipv4() -> str | None:
+    import socket
+
+    for target in ("10.255.255.255", "192.0.2.255", "8.8.8.8"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target, 9))  # UDP connect sends nothing; it only picks the outgoing interface
+            except OSError:
+                continue
+            ip = s.getsockname()[0]
+            if not ip.startswith("127."):
+                return ip
+    return None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_without_token_only_loopback_clients_are_served(settings):
+    from services.api.app import create_app
+
+    from .conftest import LiveServer
+
+    ip = _non_loopback_ipv4()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    # Bound to every interface (as with `uvicorn --host 0.0.0.0`) but configured without a token.
+    with LiveServer(create_app(settings), host="0.0.0.0") as srv:
+        remote = httpx.get(f"http://{ip}:{srv.port}/jobs")
+        assert remote.status_code == 403 and remote.json()["error"]["code"] == "remote_access_disabled"
+        assert httpx.get(f"http://{ip}:{srv.port}/healthz").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/jobs").status_code == 200
+    secured = settings.model_copy(update={"api_token": "tok-123456"})
+    with LiveServer(create_app(secured), host="0.0.0.0") as srv:
+        resp = httpx.get(f"http://{ip}:{srv.port}/jobs", headers={"Authorization": "Bearer tok-123456"})
+        assert resp.status_code == 200
