@@ -150,3 +150,32 @@ def test_from_dict_rejects_unknown_and_missing():
 def test_batch_not_divisible_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="total_batch_size"):
         train(tiny_config(total_batch_size=300))
+
+
+def test_ncp_train_cli(tiny_config, tmp_path, capsys):
+    from services.cli.main import main as ncp
+
+    cfg = tiny_config(num_iterations=3)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**cfg.to_dict(), "num_iterations": 50}))
+    rc = ncp(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--num-iterations",
+            "3",
+            "--set",
+            "eval_every=3",
+            "--set",
+            "compile=false",
+            "--checkpoint-dir",
+            str(tmp_path / "cli_ckpt"),
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "step      3/3 | loss" in out and "val bpb" in out and "finished at step 3/3" in out
+    assert latest_step(tmp_path / "cli_ckpt") == 3
+    assert ncp(["train", "--config", str(config), "--set", "depth=-2"]) == 2
+    assert "depth" in capsys.readouterr().err
