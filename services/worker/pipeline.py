@@ -47,6 +47,12 @@ class LeaseLost(Exception):
     """Another worker owns the job now; this one must stop without recording anything."""
 
 
+class StageInterrupted(Exception):
+    """The stage stopped early for a reason other than a cancel (its process was signalled). It
+    is neither done nor failed: the lease is released and the reconciler sends it again, and the
+    next attempt resumes from the newest checkpoint."""
+
+
 class StageError(Exception):
     """A stage failure with a stable error code for the job (e.g. `multinode_unavailable`)."""
 
@@ -167,6 +173,11 @@ def run_stage(
             with session_scope(sessions) as s:
                 _finish_cancel(s, job_id, stage, worker_id)
             return "cancelled"
+        except StageInterrupted as e:
+            with session_scope(sessions) as s:
+                registry.add_event(s, job_id, "interrupted", f"stage {stage} interrupted: {e}", stage=stage)
+                registry.release_lease(s, job_id, worker_id)
+            return "interrupted"
         except Exception as e:  # every failure ends up in the registry, named
             code = e.code if isinstance(e, StageError) else "stage_failed"
             log.error("job %s stage %s failed:\n%s", job_id, stage, traceback.format_exc())

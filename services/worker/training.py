@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.worker.launcher import LaunchConfig, ProgressTail, run_training
-from services.worker.pipeline import LeaseLost, StageCancelled, StageContext, StageError
+from services.worker.pipeline import LeaseLost, StageCancelled, StageContext, StageError, StageInterrupted
 from services.worker.progress import ProgressForwarder
 from shared.db import registry
 from shared.db.session import session_scope
@@ -175,6 +175,8 @@ def _train(ctx: StageContext, mode: str, cfg: dict[str, Any], ckpt_dir: Path, ki
         detail = error or forward.error or f"exit code {rc}"
         raise StageError(f"{mode}_failed", f"{detail}; log tail ({log_path}):\n{_log_tail(log_path)}")
     done = forward.done
+    if done.get("stopped"):
+        raise StageInterrupted(f"the trainer stopped at step {done.get('step')} without a cancel (signalled?)")
     return {
         "checkpoint_dir": str(ckpt_dir),
         "step": done.get("step"),
