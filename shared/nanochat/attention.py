@@ -27,6 +27,11 @@ import torch.nn.functional as F
 
 BACKENDS = ("fa3", "flash", "flex", "sdpa", "math")
 
+try:
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:  # torch < 2.5
+    _flex_attention = None
+
 
 # --- availability ----------------------------------------------------------------------------------
 @functools.cache
@@ -52,12 +57,13 @@ def _flash_module():
 
 
 @functools.cache
-def _flex_fn():
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except Exception:
+def _flex_fn(device_type: str = "cpu"):
+    """flex_attention, compiled on GPU: uncompiled it falls back to a dense reference kernel there."""
+    if _flex_attention is None:
         return None
-    return flex_attention
+    if device_type == "cuda":
+        return torch.compile(_flex_attention, dynamic=False)
+    return _flex_attention
 
 
 def _device_type(device: torch.device | str) -> str:
@@ -143,6 +149,14 @@ def _sliding_block_mask(t: int, window: int, device_str: str):
     return create_block_mask(mask_mod, None, None, t, t, device=device_str)
 
 
+@torch.compiler.disable
+def sliding_block_masks(t: int, windows, device) -> dict:
+    """{window: BlockMask} for FlexAttention, built once per (T, window, device) and cached.
+    Kept out of compiled graphs: a model calls this once at the top of forward (a single graph
+    break) instead of rebuilding masks inside every traced layer."""
+    return {w: _sliding_block_mask(t, w, str(device)) for w in sorted(set(windows)) if w < t - 1}
+
+
 # --- kernels ---------------------------------------------------------------------------------------
 def _math(q, k, v, window: int, q_offset: int) -> torch.Tensor:
     # (B, T, H, D) in; computed in fp32 so it can serve as the ground truth for lower precisions.
@@ -176,19 +190,25 @@ def _sdpa(q, k, v, window: int, q_offset: int) -> torch.Tensor:
     return y.transpose(1, 2)
 
 
-def _flex(q, k, v, window: int, q_offset: int) -> torch.Tensor:
+def _flex(q, k, v, window: int, q_offset: int, block_mask=None) -> torch.Tensor:
     tq, tk = q.shape[1], k.shape[1]
     cpu_grad = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if q_offset != 0 or tq != tk or window >= tq - 1 or cpu_grad:
         # FlexAttention pays off only for windowed training/prefill; everything else is SDPA
         # (also CPU training: flex has no CPU backward in torch 2.13).
         return _sdpa(q, k, v, window, q_offset)
-    block_mask = _sliding_block_mask(tq, window, str(q.device))
+    if block_mask is None:
+        block_mask = _sliding_block_mask(tq, window, str(q.device))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    if torch.compiler.is_compiling():
+        # Inside a compiled model the outer graph compiles flex itself.
+        return _flex_attention(qt, kt, vt, block_mask=block_mask, enable_gqa=gqa).transpose(1, 2)
+    fn = _flex_fn(q.device.type)
     with warnings.catch_warnings():
-        # Eager (uncompiled) flex warns on CPU; the result is still exact.
+        # Eager (uncompiled) flex warns on CPU that it is unoptimised; the result is still exact.
         warnings.simplefilter("ignore", UserWarning)
-        y = _flex_fn()(qt, kt, vt, block_mask=block_mask, enable_gqa=q.shape[2] != k.shape[2])
+        y = fn(qt, kt, vt, block_mask=block_mask, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
@@ -196,14 +216,17 @@ def _fa_window(window: int, tk: int) -> tuple[int, int]:
     return (-1, 0) if window >= tk - 1 else (window, 0)
 
 
-def attention(q, k, v, *, window: int, backend: str = "sdpa", q_offset: int = 0) -> torch.Tensor:
-    """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, Hkv, D); queries start at q_offset."""
+def attention(
+    q, k, v, *, window: int, backend: str = "sdpa", q_offset: int = 0, block_mask=None
+) -> torch.Tensor:
+    """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, Hkv, D); queries start at q_offset.
+    `block_mask`: a precomputed FlexAttention mask for this (T, window) (see sliding_block_masks)."""
     if backend == "math":
         return _math(q, k, v, window, q_offset)
     if backend == "sdpa":
         return _sdpa(q, k, v, window, q_offset)
     if backend == "flex":
-        return _flex(q, k, v, window, q_offset)
+        return _flex(q, k, v, window, q_offset, block_mask)
     if backend in ("fa3", "flash"):
         if q_offset != 0 or q.shape[1] != k.shape[1]:
             return _sdpa(q, k, v, window, q_offset)

@@ -16,7 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.nanochat.attention import attention, attention_with_cache, select_backend
+from shared.nanochat.attention import (
+    BACKENDS,
+    attention,
+    attention_with_cache,
+    select_backend,
+    sliding_block_masks,
+)
 from shared.nanochat.config import GPTConfig
 
 ROPE_BASE = 100_000
@@ -75,7 +81,7 @@ class CausalSelfAttention(nn.Module):
             Linear(VE_GATE_CHANNELS, config.n_kv_head) if config.has_value_embed(layer_idx) else None
         )
 
-    def forward(self, x, ve, cos, sin, window: int, backend: str, kv_cache=None) -> torch.Tensor:
+    def forward(self, x, ve, cos, sin, window: int, backend: str, kv_cache=None, block_mask=None):
         b, t, _ = x.shape  # x is the block's normalized input (B, T, C)
         q = self.c_q(x).view(b, t, self.n_head, self.head_dim)
         k = self.c_k(x).view(b, t, self.n_kv_head, self.head_dim)
@@ -87,7 +93,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
         if kv_cache is None:
-            y = attention(q, k, v, window=window, backend=backend)
+            y = attention(q, k, v, window=window, backend=backend, block_mask=block_mask)
         else:
             k_cache, v_cache = kv_cache.layer(self.layer_idx)
             y = attention_with_cache(q, k, v, k_cache, v_cache, kv_cache.pos, window=window, backend=backend)
@@ -110,8 +116,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window: int, backend: str, kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(norm(x), ve, cos, sin, window, backend, kv_cache)
+    def forward(self, x, ve, cos, sin, window: int, backend: str, kv_cache=None, block_mask=None):
+        x = x + self.attn(norm(x), ve, cos, sin, window, backend, kv_cache, block_mask)
         return x + self.mlp(norm(x))
 
 
@@ -123,7 +129,9 @@ class GPT(nn.Module):
         With bf16/fp32 compute, init_weights stores the embeddings in it, as the reference does."""
         super().__init__()
         self.config = config
-        self.attn_backend = attn_backend
+        if attn_backend != "auto" and attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be 'auto' or one of {BACKENDS}, got {attn_backend!r}")
+        self._attn_backend = attn_backend
         self.compute_dtype = compute_dtype
         self.windows = config.window_sizes()
         pv = config.padded_vocab_size
@@ -151,7 +159,8 @@ class GPT(nn.Module):
         half = config.head_dim // 2
         self.register_buffer("cos", torch.empty(1, rot_len, 1, half), persistent=False)
         self.register_buffer("sin", torch.empty(1, rot_len, 1, half), persistent=False)
-        self._backend_cache: dict[tuple[str, torch.dtype], list[str]] = {}
+        # Attention backends and FlexAttention masks per (T, device, dtype); see _attention_setup.
+        self._attn_setup: dict[tuple, tuple[list[str], dict]] = {}
 
     # --- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -181,12 +190,19 @@ class GPT(nn.Module):
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -bound, bound)
         self.init_rotary()
+        self._attn_setup.clear()
         # Embeddings are lookups: storing them in the compute dtype saves memory and the optimizer
         # copes. fp16 is the exception: GradScaler cannot unscale fp16 gradients.
         if self.compute_dtype is not None and self.compute_dtype != torch.float16:
             self.transformer.wte.to(dtype=self.compute_dtype)
             for ve in self.value_embeds.values():
                 ve.to(dtype=self.compute_dtype)
+        device = self.cos.device
+        if device.type != "meta":
+            # Warm the training-shape attention setup now, in eager mode, so torch.compile of the
+            # forward finds it cached (no graph break, no mask building inside the graph).
+            dtype = self.compute_dtype or self.transformer.wte.weight.dtype
+            self._build_attention_setup(self.config.sequence_len, device, dtype, True)
 
     @torch.no_grad()
     def init_rotary(self) -> None:
@@ -195,18 +211,39 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    @property
+    def attn_backend(self) -> str:
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        self._attn_backend = name
+        self._attn_setup.clear()
+
     # --- helpers ---------------------------------------------------------------------------------
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
-    def _backends(self, device: torch.device, dtype: torch.dtype) -> list[str]:
-        key = (str(device), dtype)
-        if key not in self._backend_cache:
-            self._backend_cache[key] = [
-                select_backend(device, w, self.config.sequence_len, self.attn_backend, dtype)
-                for w in self.windows
-            ]
-        return self._backend_cache[key]
+    def _attention_setup(self, t: int, device: torch.device, dtype: torch.dtype, masks: bool):
+        """(per-layer backend names, {window: FlexAttention BlockMask}) for this T/device/dtype.
+        A plain dict lookup when warm, so a compiled forward has no graph break; a miss is filled
+        outside the graph by `_build_attention_setup`."""
+        setup = self._attn_setup.get((t, device.type, device.index, dtype, masks))
+        if setup is None:
+            setup = self._build_attention_setup(t, device, dtype, masks)
+        return setup
+
+    @torch.compiler.disable
+    def _build_attention_setup(self, t: int, device: torch.device, dtype: torch.dtype, masks: bool):
+        backends = [
+            select_backend(device, w, self.config.sequence_len, self.attn_backend, dtype)
+            for w in self.windows
+        ]
+        flex_windows = [w for w, be in zip(self.windows, backends, strict=True) if be == "flex"]
+        block_masks = sliding_block_masks(t, flex_windows, device) if masks and flex_windows else {}
+        setup = (backends, block_masks)
+        self._attn_setup[(t, device.type, device.index, dtype, masks)] = setup
+        return setup
 
     def _smear(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1] on normalized embeddings;
@@ -247,12 +284,12 @@ class GPT(nn.Module):
             x = self._smear(x, prev)
 
         x0 = x
-        backends = self._backends(idx.device, dtype)
+        backends, masks = self._attention_setup(t, idx.device, dtype, kv_cache is None)
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], backends[i], kv_cache)
+            x = block(x, ve, cos, sin, self.windows[i], backends[i], kv_cache, masks.get(self.windows[i]))
             if i == self.config.backout_layer:
                 x_mid = x
         if kv_cache is not None:
