@@ -217,14 +217,13 @@ def _load_start(cfg: SFTConfig, tokenizer: Tokenizer, dinfo: DistInfo, dtype: to
     """(model, optimizer, meta of what was loaded, base meta, resumed step or None, optimizer loaded?)."""
     out_dir = Path(cfg.out_dir)
     resume_step = latest_step(out_dir) if cfg.resume and out_dir.exists() else None
-    if resume_step is not None:
-        src_dir, src_step = out_dir, resume_step
-    else:
-        src_dir, src_step = Path(cfg.base_checkpoint_dir), cfg.base_step
+    src_dir, src_step = (
+        (out_dir, resume_step) if resume_step is not None else (Path(cfg.base_checkpoint_dir), cfg.base_step)
+    )
+    if src_step is None:
+        src_step = latest_step(src_dir)
         if src_step is None:
-            src_step = latest_step(src_dir)
-            if src_step is None:
-                raise FileNotFoundError(f"base_checkpoint_dir: no complete checkpoint in {src_dir}")
+            raise FileNotFoundError(f"base_checkpoint_dir: no complete checkpoint in {src_dir}")
     # a base checkpoint without optimizer state (e.g. an imported one) trains from fresh momenta
     with_optim = cfg.load_optimizer and (src_dir / OPTIM_FILE.format(step=src_step, rank=dinfo.rank)).exists()
     model_state, optim_state, meta = load_checkpoint(

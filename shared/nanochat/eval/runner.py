@@ -13,6 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -116,7 +117,10 @@ def run_base_eval(
         {
             "prompt": p,
             "completion": _greedy(
-                engine, tokenizer, tokenizer.encode(p, prepend=tokenizer.bos_token_id), sample_tokens
+                engine,
+                tokenizer,
+                cast(list[int], tokenizer.encode(p, prepend=tokenizer.bos_token_id)),
+                sample_tokens,
             ),
         }
         for p in BASE_PROMPTS
