@@ -46,6 +46,7 @@ class SFTConfig:
     mixture: str = "demo"  # default (SmolTalk + MMLU x3 + GSM8K x4) | demo | jsonl
     tasks_dir: str | None = None  # Hub-layout dataset folder for the default mixture
     conversations: tuple[str, ...] = ()  # user JSONL files, added to the mixture
+    smoltalk_epochs: int = 1  # repeats of each default-mixture component; 0 = leave it out
     mmlu_epochs: int = 3
     gsm8k_epochs: int = 4
     val_fraction: float = 0.05  # conversations held out for val bpb
@@ -91,7 +92,7 @@ class SFTConfig:
         for name in ("device_batch_size", "grad_accum_steps", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("mmlu_epochs", "gsm8k_epochs", "eval_every", "checkpoint_every"):
+        for name in ("smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.max_seq_len is not None and self.max_seq_len < 8:
@@ -268,6 +269,7 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
         cfg.mixture,
         tasks_dir=Path(cfg.tasks_dir) if cfg.tasks_dir else None,
         conversations=cfg.conversations,
+        smoltalk_epochs=cfg.smoltalk_epochs,
         mmlu_epochs=cfg.mmlu_epochs,
         gsm8k_epochs=cfg.gsm8k_epochs,
         seed=cfg.seed,
@@ -329,13 +331,13 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
             files = sorted(
                 p.name for p in out_dir.iterdir() if f"_{step:06d}" in p.name and not p.name.startswith(".")
             )
-            hooks.on_checkpoint({"step": step, "path": str(path), "files": files})
+            hooks.on_checkpoint({"stage": "sft", "step": step, "path": str(path), "files": files})
 
     def evaluate() -> None:
         nonlocal val_bpb
         val_bpb = _val_bpb(model, tokenizer, val_convs, cfg, seq_len, tok_bytes, dinfo)
         if hooks.on_eval and rank == 0 and val_bpb is not None:
-            hooks.on_eval({"step": step, "val_bpb": val_bpb})
+            hooks.on_eval({"stage": "sft", "step": step, "val_bpb": val_bpb})
 
     model.train()
     stopped = False
@@ -387,6 +389,8 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
             elapsed = time.time() - t_start
             hooks.on_progress(
                 {
+                    # pretraining and SFT append to the same progress.jsonl; the report splits them
+                    "stage": "sft",
                     "step": step,
                     # one-epoch runs learn their length only by packing: extrapolate from progress
                     "total_steps": cfg.num_iterations

@@ -94,6 +94,7 @@ def build_mixture(
     *,
     tasks_dir: Path | None = None,
     conversations: tuple[str, ...] = (),
+    smoltalk_epochs: int = 1,
     mmlu_epochs: int = 3,
     gsm8k_epochs: int = 4,
     seed: int = 42,
@@ -108,12 +109,17 @@ def build_mixture(
                 "tasks_dir: the default mixture needs the folder holding smol-smoltalk/, mmlu/, gsm8k/"
             )
         root = Path(tasks_dir)
-        convs += load_conversations(root / "smol-smoltalk", "train", smoltalk_conversation, shuffle_seed=None)
-        mmlu = load_conversations(
-            root / "mmlu" / "all", "auxiliary_train", mmlu_conversation, shuffle_seed=None
-        )
-        gsm = load_conversations(root / "gsm8k" / "main", "train", _gsm8k_train_row, shuffle_seed=None)
-        convs += mmlu * mmlu_epochs + gsm * gsm8k_epochs
+        # (folder, split, converter, repeats); a component repeated 0 times is not read at all
+        parts = [
+            (root / "smol-smoltalk", "train", smoltalk_conversation, smoltalk_epochs),
+            (root / "mmlu" / "all", "auxiliary_train", mmlu_conversation, mmlu_epochs),
+            (root / "gsm8k" / "main", "train", _gsm8k_train_row, gsm8k_epochs),
+        ]
+        for folder, split, convert, repeats in parts:
+            if repeats > 0:
+                convs += load_conversations(folder, split, convert, shuffle_seed=None) * repeats
+        if not convs:
+            raise ValueError("mixture: the default mixture has every component at 0 epochs")
     elif mixture == "demo":
         convs += demo_conversations()
     elif not conversations:

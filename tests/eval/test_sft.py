@@ -86,6 +86,7 @@ def test_sft_loss_falls_and_writes_chat_checkpoint(trained_base, tmp_path):
         f.startswith("model_") for f in events["checkpoint"][-1]["files"]
     )
     assert events["eval"] and math.isfinite(events["eval"][-1]["val_bpb"])
+    assert {e["stage"] for k in events for e in events[k]} == {"sft"}  # told apart from pretraining
     # resuming a finished run does no more steps
     again = sft(cfg)
     assert again.step == 40 and again.losses == []

@@ -109,6 +109,8 @@ def test_default_mixture_from_hub_layout(tmp_path):
     assert len(mix) == 16 + 48 + 64
     assert any(isinstance(c["messages"][-1]["content"], list) for c in mix)  # gsm8k tool calls
     assert build_mixture("default", tasks_dir=tasks) == mix  # deterministic shuffle
+    only_gsm = build_mixture("default", tasks_dir=tasks, smoltalk_epochs=0, mmlu_epochs=0, gsm8k_epochs=1)
+    assert len(only_gsm) == 16
     with pytest.raises(ValueError, match="tasks_dir"):
         build_mixture("default")
     with pytest.raises(FileNotFoundError, match="smol-smoltalk"):

@@ -1,8 +1,8 @@
 """Per-run Markdown report: job summary, loss curve, eval tables, samples.
 
 Inputs are what the stages leave in the run folder: `progress.jsonl` (one JSON object per line;
-`type` progress carries step/loss, `type` eval carries val_bpb; an optional `stage` separates
-pretraining from SFT) and the results JSON files of the eval stage in `eval/`. Unreadable lines
+`type` progress carries step/loss, `type` eval carries val_bpb; SFT's records carry `stage` "sft",
+pretraining's none) and the results JSON files of the eval stage in `eval/`. Unreadable lines
 are skipped and counted rather than failing the report: it is written at the end of a run whose
 progress file may have been cut mid-line by a crash.
 """
@@ -31,7 +31,7 @@ def _read_progress(
             continue
         try:
             rec = json.loads(line)
-            stage = str(rec.get("stage", "train"))
+            stage = str(rec.get("stage", "pretrain"))  # SFT records carry stage "sft"
             step = int(rec["step"])
             if rec.get("type") == "progress" and _num(rec.get("loss")):
                 losses.setdefault(stage, []).append((step, float(rec["loss"])))
