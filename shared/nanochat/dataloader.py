@@ -344,12 +344,14 @@ class PretrainLoader:
             return
         self._cursor = (int(state["epoch"]), int(state["pq_idx"]), int(state["rg_idx"]), int(state["row"]))
         self._batches = int(state.get("batches", 0))
+        groups: dict[tuple[int, int], list] = {}  # a row group is read once, however many runs it has
         for e, p, g, r0, r1 in state["buffer"]:
             if not 0 <= p < len(self.shards):
                 raise ValueError(f"resume_state buffer names shard {p}; split has {len(self.shards)} shards")
-            pf = open_shard(self.shards[p], self.cfg.text_column)
-            texts = pf.read_row_group(g, columns=[self.cfg.text_column]).column(0).to_pylist()[r0:r1]
-            for k, tokens in enumerate(self._tokenize(texts)):
+            if (p, g) not in groups:
+                pf = open_shard(self.shards[p], self.cfg.text_column)
+                groups[(p, g)] = pf.read_row_group(g, columns=[self.cfg.text_column]).column(0).to_pylist()
+            for k, tokens in enumerate(self._tokenize(groups[(p, g)][r0:r1])):
                 self._add((e, p, g, r0 + k), tokens)
 
     def _restore_approx(self, state: dict) -> None:

@@ -156,7 +156,9 @@ class Tokenizer:
         if num_threads == 1:
             encs = [self._hf.encode(t, add_special_tokens=False) for t in text]
         else:
-            encs = self._hf.encode_batch_fast(text, add_special_tokens=False)
+            # encode_batch_fast skips char offsets (tokenizers >= 0.21); same ids as encode_batch.
+            batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+            encs = batch(text, add_special_tokens=False)
         return [head + e.ids for e in encs]
 
     def __call__(self, *args, **kwargs):
