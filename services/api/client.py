@@ -108,7 +108,9 @@ class JobsClient:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}").json()
 
-    def list(self, status: list[str] | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
+    def list_jobs(
+        self, status: list[str] | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status

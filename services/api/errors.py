@@ -7,6 +7,7 @@ validation to 422 naming the field, and an unreachable database to 503 instead o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,14 +41,14 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+def field_path(loc: Sequence[Any]) -> str:
     parts = list(loc)
     if parts and parts[0] in _LOC_PREFIXES:
         parts = parts[1:]
     return ".".join(str(p) for p in parts)
 
 
-def validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+def validation_response(errors: Sequence[Any]) -> JSONResponse:
     """422 naming the first bad field; all problems listed under error.details."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = field_path(first.get("loc", ()))

@@ -619,15 +619,18 @@ def list_eval_results(session: Session, job_id: str, stage: str | None = None) -
 
 
 # --- worker leases and reconciliation ------------------------------------------------------------
-def _upsert(session: Session):  # dialect-specific INSERT with ON CONFLICT support
+def _upsert(session: Session) -> Any:
+    """The dialect's INSERT with ON CONFLICT support (same API on both backends)."""
     name = session.get_bind().dialect.name
     if name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        raise RuntimeError(f"registry leases support PostgreSQL and SQLite, not {name}")
-    return insert
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    if name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert
+    raise RuntimeError(f"registry leases support PostgreSQL and SQLite, not {name}")
 
 
 def acquire_lease(

@@ -69,14 +69,14 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Model shape from a single depth, as in the reference (width = depth * aspect_ratio)."""
 
-    depth: int = Field(20, ge=1, le=256, description="Number of transformer layers")
-    aspect_ratio: int = Field(64, ge=1, le=1024, description="model_dim ~= depth * aspect_ratio")
-    head_dim: int = Field(128, ge=8, le=512, description="Channels per attention head (even)")
-    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (GQA); None = n_head")
-    window_pattern: str = Field("SSSL", pattern=r"^[SLsl]+$", max_length=64,
+    depth: int = Field(default=20, ge=1, le=256, description="Number of transformer layers")
+    aspect_ratio: int = Field(default=64, ge=1, le=1024, description="model_dim ~= depth * aspect_ratio")
+    head_dim: int = Field(default=128, ge=8, le=512, description="Channels per attention head (even)")
+    n_kv_head: int | None = Field(default=None, ge=1, description="Key/value heads (GQA); None = n_head")
+    window_pattern: str = Field(default="SSSL", pattern=r"^[SLsl]+$", max_length=64,
                                 description="Sliding-window pattern tiled over layers: S short, L long")
-    sequence_len: int = Field(2048, ge=16, le=131072)
-    vocab_size: int = Field(32768, ge=265, le=1 << 20, description="Tokenizer vocabulary incl. 9 specials")
+    sequence_len: int = Field(default=2048, ge=16, le=131072)
+    vocab_size: int = Field(default=32768, ge=265, le=1 << 20, description="Tokenizer vocabulary incl. 9 specials")
 
     @field_validator("head_dim")
     @classmethod
@@ -113,11 +113,11 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     source: Literal["demo", "local", "remote"] = "demo"
-    path: str | None = Field(None, description="local: the corpus (file, folder or glob) under an allowed root")
-    repo: str | None = Field(None, description="remote: Hugging Face dataset repo id")
-    base_url: str | None = Field(None, description="remote: base URL of the shard files")
-    num_shards: int | None = Field(None, ge=2, description="Shards incl. the last (validation) one; None = default/all")
-    text_column: str = Field("text", min_length=1, max_length=128)
+    path: str | None = Field(default=None, description="local: the corpus (file, folder or glob) under an allowed root")
+    repo: str | None = Field(default=None, description="remote: Hugging Face dataset repo id")
+    base_url: str | None = Field(default=None, description="remote: base URL of the shard files")
+    num_shards: int | None = Field(default=None, ge=2, description="Shards incl. the last (validation) one; None = default/all")
+    text_column: str = Field(default="text", min_length=1, max_length=128)
 
     @field_validator("base_url")
     @classmethod
@@ -145,16 +145,16 @@ class DataSpec(_Strict):
 
 
 class TokenizerSpec(_Strict):
-    vocab_size: int | None = Field(None, ge=265, le=1 << 20, description="None = model.vocab_size")
-    max_chars: int = Field(2_000_000_000, ge=1000, description="Characters of corpus to train the BPE on")
+    vocab_size: int | None = Field(default=None, ge=265, le=1 << 20, description="None = model.vocab_size")
+    max_chars: int = Field(default=2_000_000_000, ge=1000, description="Characters of corpus to train the BPE on")
 
 
 class HorizonSpec(_Strict):
     """How long to pretrain: at most one of the three; none = target_param_data_ratio 12 (auto)."""
 
-    num_iterations: int | None = Field(None, ge=1)
-    target_param_data_ratio: float | None = Field(None, gt=0, le=10_000)
-    target_flops: float | None = Field(None, gt=0)
+    num_iterations: int | None = Field(default=None, ge=1)
+    target_param_data_ratio: float | None = Field(default=None, gt=0, le=10_000)
+    target_flops: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _one(self) -> HorizonSpec:
@@ -166,36 +166,36 @@ class HorizonSpec(_Strict):
 
 
 class BatchSpec(_Strict):
-    device_batch_size: int = Field(32, ge=1, le=4096, description="Sequences per GPU per micro-step")
-    total_batch_size: int | None = Field(None, ge=1, description="Tokens per optimizer step; None = auto")
+    device_batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per GPU per micro-step")
+    total_batch_size: int | None = Field(default=None, ge=1, description="Tokens per optimizer step; None = auto")
 
 
 class OptimSpec(_Strict):
-    embedding_lr: float = Field(0.3, gt=0, le=10)
-    unembedding_lr: float = Field(0.008, gt=0, le=10)
-    matrix_lr: float = Field(0.02, gt=0, le=10)
-    scalar_lr: float = Field(0.5, gt=0, le=10)
-    weight_decay: float | None = Field(None, ge=0, le=10, description="None = auto from depth and batch")
-    warmup_steps: int = Field(40, ge=0)
-    warmdown_ratio: float = Field(0.65, ge=0, le=1)
+    embedding_lr: float = Field(default=0.3, gt=0, le=10)
+    unembedding_lr: float = Field(default=0.008, gt=0, le=10)
+    matrix_lr: float = Field(default=0.02, gt=0, le=10)
+    scalar_lr: float = Field(default=0.5, gt=0, le=10)
+    weight_decay: float | None = Field(default=None, ge=0, le=10, description="None = auto from depth and batch")
+    warmup_steps: int = Field(default=40, ge=0)
+    warmdown_ratio: float = Field(default=0.65, ge=0, le=1)
 
 
 class EvalSpec(_Strict):
-    every: int = Field(250, ge=0, description="Validation bpb every N steps; 0 = only at the end")
-    tokens: int = Field(20 * 524288, ge=1, description="Validation tokens per bpb evaluation")
-    core_max_per_task: int | None = Field(500, ge=1, description="CORE examples per task; None = all")
-    chat_max_per_task: int | None = Field(None, ge=1, description="Chat-eval problems per task; None = all")
+    every: int = Field(default=250, ge=0, description="Validation bpb every N steps; 0 = only at the end")
+    tokens: int = Field(default=20 * 524288, ge=1, description="Validation tokens per bpb evaluation")
+    core_max_per_task: int | None = Field(default=500, ge=1, description="CORE examples per task; None = all")
+    chat_max_per_task: int | None = Field(default=None, ge=1, description="Chat-eval problems per task; None = all")
 
 
 class CheckpointSpec(_Strict):
-    every: int = Field(1000, ge=0, description="Save every N steps (and at the end); 0 = only at the end")
-    keep_last: int = Field(3, ge=1, le=1000)
+    every: int = Field(default=1000, ge=0, description="Save every N steps (and at the end); 0 = only at the end")
+    keep_last: int = Field(default=3, ge=1, le=1000)
 
 
 class SFTSource(_Strict):
     kind: Literal["demo", "conversations", "smoltalk", "mmlu", "gsm8k"] = "demo"
-    path: str | None = Field(None, description="Local file/folder under an allowed root (not for 'demo')")
-    repeat: int = Field(1, ge=1, le=100, description="Epochs of this source in the mixture")
+    path: str | None = Field(default=None, description="Local file/folder under an allowed root (not for 'demo')")
+    repeat: int = Field(default=1, ge=1, le=100, description="Epochs of this source in the mixture")
 
     @model_validator(mode="after")
     def _path(self) -> SFTSource:
@@ -205,14 +205,14 @@ class SFTSource(_Strict):
 
 
 class SFTSpec(_Strict):
-    num_iterations: int | None = Field(None, ge=1, description="None = one pass over the mixture")
-    device_batch_size: int | None = Field(None, ge=1, description="None = batch.device_batch_size")
+    num_iterations: int | None = Field(default=None, ge=1, description="None = one pass over the mixture")
+    device_batch_size: int | None = Field(default=None, ge=1, description="None = batch.device_batch_size")
     sources: list[SFTSource] = Field(default_factory=lambda: [SFTSource()], min_length=1)
 
 
 class HardwareSpec(_Strict):
-    gpus: int = Field(1, ge=0, le=64, description="GPUs per node; 0 = CPU")
-    nodes: int = Field(1, ge=1, le=1024)
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node; 0 = CPU")
+    nodes: int = Field(default=1, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -230,23 +230,23 @@ class HardwareSpec(_Strict):
 
 class JobSpec(_Strict):
     kind: JobKind = "pipeline"
-    name: str | None = Field(None, max_length=200, description="Free-form label")
-    stages: list[StageName] | None = Field(None, description="Stages to run; None = the kind's default")
+    name: str | None = Field(default=None, max_length=200, description="Free-form label")
+    stages: list[StageName] | None = Field(default=None, description="Stages to run; None = the kind's default")
     parent_job_id: str | None = Field(
-        None, max_length=64, pattern=r"^[A-Za-z0-9-]+$",
+        default=None, max_length=64, pattern=r"^[A-Za-z0-9-]+$",
         description="Job whose run folder supplies the tokenizer/checkpoints when this job does not pretrain",
     )
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    data: DataSpec = Field(default_factory=DataSpec)
-    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
-    horizon: HorizonSpec = Field(default_factory=HorizonSpec)
-    hardware: HardwareSpec = Field(default_factory=HardwareSpec)
-    batch: BatchSpec = Field(default_factory=BatchSpec)
-    optim: OptimSpec = Field(default_factory=OptimSpec)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    sft: SFTSpec = Field(default_factory=SFTSpec)
-    seed: int = Field(42, ge=0, le=2**32 - 1)
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec())
+    data: DataSpec = Field(default_factory=lambda: DataSpec())
+    tokenizer: TokenizerSpec = Field(default_factory=lambda: TokenizerSpec())
+    horizon: HorizonSpec = Field(default_factory=lambda: HorizonSpec())
+    hardware: HardwareSpec = Field(default_factory=lambda: HardwareSpec())
+    batch: BatchSpec = Field(default_factory=lambda: BatchSpec())
+    optim: OptimSpec = Field(default_factory=lambda: OptimSpec())
+    eval: EvalSpec = Field(default_factory=lambda: EvalSpec())
+    checkpoint: CheckpointSpec = Field(default_factory=lambda: CheckpointSpec())
+    sft: SFTSpec = Field(default_factory=lambda: SFTSpec())
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
 
     @field_validator("stages")
     @classmethod

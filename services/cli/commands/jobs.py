@@ -150,7 +150,7 @@ def _submit(client: JobsClient, args: argparse.Namespace) -> int:
 
 
 def _list(client: JobsClient, args: argparse.Namespace) -> int:
-    page = client.list(status=args.status, limit=args.limit, cursor=args.cursor)
+    page = client.list_jobs(status=args.status, limit=args.limit, cursor=args.cursor)
     if args.json:
         _print_json(page)
         return 0
