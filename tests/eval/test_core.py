@@ -15,6 +15,7 @@ from shared.nanochat.eval.core import (
     load_task_data,
     render_prompts,
     score_item,
+    token_spans,
 )
 from shared.nanochat.eval.fixtures import write_fixture_bundle
 
@@ -123,3 +124,10 @@ def test_fixture_bundle_runs_every_type(tmp_path, tokenizer, scripted_lm):
     # a model that knows nothing gets every LM item wrong; CORE is a finite mean
     assert out["results"]["python_keywords_lm"] == 0.0
     assert math.isfinite(out["core"])
+
+
+def test_choice_that_is_a_prefix_of_another_gets_a_nonempty_span(tokenizer):
+    task = CoreTask("mc", "multiple_choice", "mc.jsonl", 0)
+    prompts = render_prompts({"query": "3+3=", "choices": ["6", "66", "6 6"], "gold": 0}, task, [])
+    toks, starts, ends = token_spans(tokenizer, prompts, "multiple_choice")
+    assert all(0 < s < e == len(t) for t, s, e in zip(toks, starts, ends, strict=True))

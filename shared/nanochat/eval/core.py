@@ -223,7 +223,9 @@ def token_spans(
     toks = [tokenizer.encode(p, prepend=bos) for p in prompts]
     if task_type == "multiple_choice":  # shared context, differing continuations
         start = _common_length(toks, from_end=False)
-        return toks, [start] * len(toks), [len(t) for t in toks]
+        # a choice that is a token prefix of another would score an empty span (NaN): score at
+        # least its last token
+        return toks, [min(start, len(t) - 1) for t in toks], [len(t) for t in toks]
     if task_type == "schema":  # differing contexts, shared continuation
         suffix = _common_length(toks, from_end=True)
         return toks, [len(t) - suffix for t in toks], [len(t) for t in toks]
