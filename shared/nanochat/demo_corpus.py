@@ -9,6 +9,7 @@ size give byte-identical shards. Written in the ClimbMix layout (see corpus.py).
 from __future__ import annotations
 
 import ast
+import os
 import random
 import sys
 import sysconfig
@@ -37,7 +38,11 @@ _SKIP_DIRS = {
 
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune while walking: site-packages alone can be far bigger than the stdlib.
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
