@@ -224,6 +224,13 @@ class GPT(nn.Module):
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
+    def attention_backends(self, device=None, dtype: torch.dtype | None = None) -> list[str]:
+        """The attention backend each layer uses on `device` (default: the model's) for
+        training-shape input; for logs and reports."""
+        device = torch.device(device) if device is not None else self.get_device()
+        dtype = dtype or self.compute_dtype or self.transformer.wte.weight.dtype
+        return list(self._attention_setup(self.config.sequence_len, device, dtype, False)[0])
+
     def _attention_setup(self, t: int, device: torch.device, dtype: torch.dtype, masks: bool):
         """(per-layer backend names, {window: FlexAttention BlockMask}) for this T/device/dtype.
         A plain dict lookup when warm, so a compiled forward has no graph break; a miss is filled

@@ -151,6 +151,13 @@ def test_gpu_cached_decode_equals_full(backend):
     assert (torch.cat(outs, 1).float() - want).abs().max() < 2e-2
 
 
+def test_model_reports_its_backends(make_model):
+    model = make_model()
+    assert model.attention_backends() == ["sdpa"] * 4  # auto on CPU
+    model.attn_backend = "math"
+    assert model.attention_backends() == ["math"] * 4
+
+
 def test_unknown_backend_is_rejected(make_config):
     from shared.nanochat.gpt import GPT
 
