@@ -98,6 +98,51 @@ def document_stream(
         epoch, pq_idx, rg_idx, row = epoch + 1, 0, cfg.rank, 0
 
 
+def _tokenize(tok, bos: int, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.int64) for ids in tok.encode(texts, prepend=bos)]
+
+
+def tokenized_chunks(
+    shards: list[Path], cfg: LoaderConfig, tok, start: Pos
+) -> Iterator[list[tuple[Pos, np.ndarray]]]:
+    """Lists of (position, BOS + token ids) of up to `tokenizer_batch_size` documents, in stream order."""
+    stream = document_stream(shards, cfg, start, loop=cfg.split == "train")
+    batch: list[tuple[Pos, str]] = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == cfg.tokenizer_batch_size:
+            yield list(
+                zip(
+                    [p for p, _ in batch],
+                    _tokenize(tok, tok.bos_token_id, [t for _, t in batch]),
+                    strict=True,
+                )
+            )
+            batch = []
+    if batch:
+        yield list(
+            zip([p for p, _ in batch], _tokenize(tok, tok.bos_token_id, [t for _, t in batch]), strict=True)
+        )
+
+
+def _producer(chunks: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    """Background thread body. It holds no reference to the loader, so an abandoned loader is
+    collected, its __del__ sets `stop`, and this thread ends."""
+    try:
+        for chunk in chunks:
+            while not stop.is_set():
+                try:
+                    out.put(chunk, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        out.put(_END)
+    except BaseException as e:  # surfaced in the consumer, with its traceback
+        out.put(e)
+
+
 def _runs(positions: list[Pos]) -> list[list[int]]:
     """Run-length encode positions in order: [epoch, shard, row_group, first_row, end_row)."""
     out: list[list[int]] = []
@@ -159,43 +204,22 @@ class PretrainLoader:
             self._restore(resume_state)
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch_chunks)
-        self._chunks = self._produce_chunks(self._cursor)
+        self._chunks = tokenized_chunks(self.shards, self.cfg, tokenizer, self._cursor)
         self._thread = None
         if background:
-            self._thread = threading.Thread(target=self._producer, name="pretrain-loader", daemon=True)
+            self._thread = threading.Thread(
+                target=_producer,
+                args=(self._chunks, self._queue, self._stop),
+                name="pretrain-loader",
+                daemon=True,
+            )
             self._thread.start()
         self._pinned: list[torch.Tensor] = []
         self._events: list = []
 
     # ---- producing tokenized documents -------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int64) for ids in self.tok.encode(texts, prepend=self.bos)]
-
-    def _produce_chunks(self, start: Pos) -> Iterator[list[tuple[Pos, np.ndarray]]]:
-        stream = document_stream(self.shards, self.cfg, start, loop=self.cfg.split == "train")
-        batch: list[tuple[Pos, str]] = []
-        for item in stream:
-            batch.append(item)
-            if len(batch) == self.cfg.tokenizer_batch_size:
-                yield list(zip([p for p, _ in batch], self._tokenize([t for _, t in batch]), strict=True))
-                batch = []
-        if batch:
-            yield list(zip([p for p, _ in batch], self._tokenize([t for _, t in batch]), strict=True))
-
-    def _producer(self) -> None:
-        try:
-            for chunk in self._chunks:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(_END)
-        except BaseException as e:  # surfaced in the consumer, with its traceback
-            self._queue.put(e)
+        return _tokenize(self.tok, self.bos, texts)
 
     def _next_chunk(self):
         if not self.background:

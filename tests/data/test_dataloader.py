@@ -171,3 +171,21 @@ def test_producer_errors_surface(tok, tmp_path):
     pq.write_table(pa.table({"body": ["y"] * 4}), d / "shard_00001.parquet")
     with pytest.raises(ValueError, match="no column 'text'"):
         next(PretrainLoader(d, tok, 1, 8))
+
+
+def test_abandoned_loader_stops_its_thread(tok, demo_dir):
+    import gc
+
+    loader = PretrainLoader(demo_dir, tok, B, T, buffer_size=20)
+    next(loader)
+    thread = loader._thread
+    assert thread.is_alive()
+    del loader
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    closed = PretrainLoader(demo_dir, tok, B, T, buffer_size=20)
+    next(closed)
+    closed.close()
+    closed._thread.join(timeout=5)
+    assert not closed._thread.is_alive()
