@@ -152,6 +152,10 @@ def run_stage(
         if job.is_terminal or job.cancel_requested:
             _finish_cancel(s, job_id, stage, worker_id)
             return "cancelled"
+        if registry.get_stage(s, job_id, FINAL_STAGE) is None:
+            # The spec lists the job's stages; the closing report is ours. Adding its row up front
+            # keeps the job's progress percentage from jumping back when the report starts.
+            registry.set_stage_status(s, job_id, FINAL_STAGE, "pending")
         registry.start_stage(s, job_id, stage)
         spec = dict(job.spec)
 

@@ -127,6 +127,10 @@ def ask(client: Any, settings: Any, model: str, question: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
+# The headline numbers of each eval stage (the full tables are in the report).
+_HEADLINE = ("val_bpb", "core/core", "core/centered/", "chatcore", "/accuracy")
+
+
 def print_results(job: dict) -> None:
     for st in job["stages"]:
         results = (st.get("outputs") or {}).get("results")
@@ -134,7 +138,8 @@ def print_results(job: dict) -> None:
             continue
         print(f"{st['name']}:")
         for key, value in sorted(results.items()):
-            print(f"  {key:<40} {value:.4f}")
+            if any(h in key for h in _HEADLINE):
+                print(f"  {key:<40} {value:.4f}")
 
 
 def run(args: argparse.Namespace) -> int:
