@@ -113,3 +113,25 @@ def test_sft_user_jsonl_bad_line(trained_base, tmp_path):
     )
     with pytest.raises(ValueError, match=r"mine.jsonl:2: message 0 must be a dict"):
         sft(_cfg(trained_base, tmp_path, mixture="jsonl", conversations=(str(bad),)))
+
+
+def test_base_momenta_load_with_fresh_lrs(trained_base, tmp_path):
+    from shared.nanochat.checkpoint import build_model
+    from shared.nanochat.sft import _load_momenta, _optimizer
+
+    model, meta = build_model(trained_base[2])
+    _, base_optim, _ = load_checkpoint(trained_base[2], None, load_optimizer=True)
+    cfg = _cfg(trained_base, tmp_path, init_lr_frac=0.8)
+    opt = _optimizer(model, cfg, meta, torch.device("cpu"))
+    fresh = [(g["lr"], g["initial_lr"], g.get("weight_decay")) for g in opt.param_groups]
+    _load_momenta(opt, base_optim)
+    assert [(g["lr"], g["initial_lr"], g.get("weight_decay")) for g in opt.param_groups] == fresh
+    muon = next(g for g in opt.param_groups if g["kind"] == "muon")
+    assert muon["lr"] == pytest.approx(0.8 * 0.02) and muon["weight_decay"] == 0.0
+    # every per-parameter buffer of the base run is now in the SFT optimizer
+    loaded = opt.state_dict()["state"]
+    assert loaded.keys() == base_optim["state"].keys() and loaded
+    for k, st in base_optim["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(loaded[k][name], v), (k, name)
