@@ -6,6 +6,10 @@ worker's progress hook or the API can call them without transaction bookkeeping.
 commit. Races between processes are settled by the database, never by Python-side checks:
 row locks on the job (`SELECT ... FOR UPDATE` on PostgreSQL, the write lock on SQLite), an atomic
 counter for event sequence numbers, and a conditional upsert for worker leases.
+
+This module holds jobs and stages and is the one import point for every registry function: events,
+outputs (metrics, checkpoints, artifacts, eval results) and leases live in their own modules and
+are re-exported here, so callers write `from shared.db import registry; registry.acquire_lease(...)`.
 """
 
 from __future__ import annotations
@@ -15,48 +19,45 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared.db.errors import IdempotencyConflict, IllegalTransition, JobNotFound, RegistryError
+from shared.db.events import add_event, append_event, list_events
+from shared.db.leases import acquire_lease, get_lease, jobs_needing_reconcile, release_lease, renew_lease
 from shared.db.models import (
-    CHECKPOINT_KINDS,
     JOB_KINDS,
     JOB_STATUSES,
     STAGE_STATUSES,
     TERMINAL_STATUSES,
-    Artifact,
-    Checkpoint,
-    EvalResult,
-    Event,
     Job,
-    Metric,
     Stage,
     WorkerLease,
     utcnow,
 )
+from shared.db.outputs import (
+    add_metrics,
+    get_metrics,
+    latest_checkpoint,
+    list_artifacts,
+    list_checkpoints,
+    list_eval_results,
+    record_artifact,
+    record_checkpoint,
+    record_eval_results,
+)
 from shared.db.session import begin_write
 
-
-class RegistryError(Exception):
-    """Base class of registry refusals (the API maps each to an HTTP status)."""
-
-
-class JobNotFound(RegistryError, LookupError):
-    def __init__(self, job_id: str):
-        super().__init__(f"job {job_id!r} not found")
-        self.job_id = job_id
-
-
-class IllegalTransition(RegistryError):
-    def __init__(self, job_id: str, current: str, wanted: str, why: str = ""):
-        msg = f"job {job_id} is {current}; cannot go to {wanted}"
-        super().__init__(f"{msg}: {why}" if why else msg)
-        self.job_id, self.current, self.wanted = job_id, current, wanted
-
-
-class IdempotencyConflict(RegistryError):
-    """The idempotency key was already used for a job with a different spec."""
+__all__ = [
+    "TRANSITIONS", "IdempotencyConflict", "IllegalTransition", "JobNotFound", "RegistryError",
+    "acquire_lease", "add_event", "add_metrics", "count_jobs_by_status", "create_job", "create_or_get_job",
+    "fail_stage", "finish_stage", "get_job", "get_lease", "get_metrics", "get_stage", "increment_attempts",
+    "jobs_needing_reconcile", "latest_checkpoint", "list_artifacts", "list_checkpoints", "list_eval_results",
+    "list_events", "list_jobs", "record_artifact", "record_checkpoint", "record_eval_results", "release_lease",
+    "renew_lease", "request_cancel", "resume_job", "set_job_status", "set_stage_status", "start_stage",
+    "update_progress",
+]
 
 
 # Which status may follow which. Staying in the same status is always allowed (redelivered tasks
@@ -110,7 +111,7 @@ def create_or_get_job(
     session.add(job)
     try:
         session.flush()
-        _event(session, job.id, "created", f"{kind} job queued", data={"stages": stages})
+        append_event(session, job.id, "created", f"{kind} job queued", data={"stages": stages})
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -252,7 +253,7 @@ def set_job_status(
                 st.finished_at = st.finished_at or now
     if previous != status:
         msg = f"{previous} -> {status}" + (f": {error_message}" if error_message else "")
-        _event(session, job_id, "status", msg, data={"from": previous, "to": status, "error_code": error_code})
+        append_event(session, job_id, "status", msg, data={"from": previous, "to": status, "error_code": error_code})
     session.commit()
     return job
 
@@ -311,7 +312,7 @@ def request_cancel(session: Session, job_id: str, *, now: dt.datetime | None = N
             for st in job.stages:
                 if st.status in ("pending", "running"):
                     st.status, st.finished_at = "cancelled", st.finished_at or now
-        _event(session, job_id, "status", f"{previous} -> {target}: cancel requested",
+        append_event(session, job_id, "status", f"{previous} -> {target}: cancel requested",
                data={"from": previous, "to": target})
     session.commit()
     return job
@@ -334,7 +335,7 @@ def resume_job(session: Session, job_id: str) -> Job:
     for st in job.stages:
         if st.status != "succeeded":
             st.status, st.started_at, st.finished_at, st.error = "pending", None, None, None
-    _event(session, job_id, "status", f"{previous} -> queued: resumed", data={"from": previous, "to": "queued"})
+    append_event(session, job_id, "status", f"{previous} -> queued: resumed", data={"from": previous, "to": "queued"})
     session.commit()
     return job
 
@@ -395,7 +396,7 @@ def start_stage(session: Session, job_id: str, name: str) -> Stage:
     # Progress fields describe the current stage only.
     for f in PROGRESS_FIELDS:
         setattr(job, f, None)
-    _event(session, job_id, "stage_started", f"stage {name} started", stage=name)
+    append_event(session, job_id, "stage_started", f"stage {name} started", stage=name)
     session.commit()
     return stage
 
@@ -412,7 +413,7 @@ def finish_stage(
     stage.started_at = stage.started_at or stage.finished_at
     if outputs is not None:
         stage.outputs = dict(outputs)
-    _event(session, job_id, "stage_finished", f"stage {name} succeeded", stage=name,
+    append_event(session, job_id, "stage_finished", f"stage {name} succeeded", stage=name,
            data=dict(outputs) if outputs else None)
     session.commit()
     return stage
@@ -428,7 +429,7 @@ def fail_stage(
     now = utcnow()
     stage = _stage_for_write(session, job, name)
     stage.status, stage.finished_at, stage.error = "failed", now, error
-    _event(session, job_id, "stage_failed", f"stage {name} failed: {error}", stage=name,
+    append_event(session, job_id, "stage_failed", f"stage {name} failed: {error}", stage=name,
            data={"error_code": error_code})
     if fail_job and job.status != "failed":
         previous = job.status
@@ -441,264 +442,7 @@ def fail_stage(
         for st in job.stages:
             if st.status == "pending":
                 st.status, st.finished_at = "cancelled", now
-        _event(session, job_id, "status", f"{previous} -> failed: {error}",
+        append_event(session, job_id, "status", f"{previous} -> failed: {error}",
                data={"from": previous, "to": "failed", "error_code": error_code})
     session.commit()
     return stage
-
-
-# --- events --------------------------------------------------------------------------------------
-def _event(
-    session: Session, job_id: str, type: str, message: str = "", *, stage: str | None = None,
-    data: Mapping[str, Any] | None = None,
-) -> Event:
-    # The per-job counter is bumped by one UPDATE ... RETURNING, which the database serializes, so
-    # two processes adding events to one job never get the same seq.
-    seq = session.execute(
-        update(Job).where(Job.id == job_id).values(event_seq=Job.event_seq + 1).returning(Job.event_seq)
-    ).scalar_one_or_none()
-    if seq is None:
-        raise JobNotFound(job_id)
-    ev = Event(job_id=job_id, seq=int(seq), ts=utcnow(), type=type, stage=stage, message=message,
-               data=dict(data) if data is not None else None)
-    session.add(ev)
-    return ev
-
-
-def add_event(
-    session: Session, job_id: str, type: str, message: str = "", *, stage: str | None = None,
-    data: Mapping[str, Any] | None = None,
-) -> Event:
-    """Append an event (seq 1, 2, ... per job) and commit."""
-    begin_write(session)
-    try:
-        ev = _event(session, job_id, type, message, stage=stage, data=data)
-    except JobNotFound:
-        session.rollback()
-        raise
-    session.commit()
-    return ev
-
-
-def list_events(session: Session, job_id: str, after_seq: int = 0, limit: int = 100) -> list[Event]:
-    return list(session.scalars(
-        select(Event).where(Event.job_id == job_id, Event.seq > after_seq).order_by(Event.seq).limit(limit)
-    ))
-
-
-# --- metrics, checkpoints, artifacts, eval results -----------------------------------------------
-def add_metrics(
-    session: Session, job_id: str, stage: str, step: int, values: Mapping[str, float | int | None]
-) -> int:
-    """Record one step's scalars (None and non-numbers are skipped); returns rows written."""
-    now = utcnow()
-    rows = [
-        Metric(job_id=job_id, stage=stage, step=int(step), name=name, value=float(v), ts=now)
-        for name, v in values.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
-    if not rows:
-        return 0
-    begin_write(session)
-    session.add_all(rows)
-    try:
-        session.commit()
-    except IntegrityError as e:
-        session.rollback()
-        raise JobNotFound(job_id) from e
-    return len(rows)
-
-
-def get_metrics(
-    session: Session, job_id: str, *, names: Iterable[str] | None = None, stage: str | None = None,
-    after_step: int | None = None, limit: int = 10_000,
-) -> list[Metric]:
-    q = select(Metric).where(Metric.job_id == job_id)
-    if names is not None:
-        q = q.where(Metric.name.in_(list(names)))
-    if stage is not None:
-        q = q.where(Metric.stage == stage)
-    if after_step is not None:
-        q = q.where(Metric.step > after_step)
-    return list(session.scalars(q.order_by(Metric.step, Metric.id).limit(limit)))
-
-
-def record_checkpoint(
-    session: Session, job_id: str, stage: str, step: int, path: str, kind: str = "base",
-    val_bpb: float | None = None, files: list[Any] | None = None,
-) -> Checkpoint:
-    """Register a complete checkpoint (idempotent per job/kind/step: a re-save updates the row)."""
-    if kind not in CHECKPOINT_KINDS:
-        raise ValueError(f"checkpoint kind {kind!r} is not one of {CHECKPOINT_KINDS}")
-    begin_write(session)
-    ckpt = session.scalars(select(Checkpoint).where(
-        Checkpoint.job_id == job_id, Checkpoint.kind == kind, Checkpoint.step == step)).one_or_none()
-    if ckpt is None:
-        ckpt = Checkpoint(job_id=job_id, stage=stage, step=step, kind=kind, path=str(path))
-        session.add(ckpt)
-    ckpt.path, ckpt.stage, ckpt.created_at = str(path), stage, utcnow()
-    if val_bpb is not None:
-        ckpt.val_bpb = float(val_bpb)
-    if files is not None:
-        ckpt.files = list(files)
-    try:
-        _event(session, job_id, "checkpoint", f"{kind} checkpoint at step {step}", stage=stage,
-               data={"step": step, "path": str(path), "val_bpb": val_bpb})
-        session.commit()
-    except (IntegrityError, JobNotFound) as e:
-        session.rollback()
-        raise JobNotFound(job_id) from e
-    return ckpt
-
-
-def list_checkpoints(session: Session, job_id: str, kind: str | None = None) -> list[Checkpoint]:
-    q = select(Checkpoint).where(Checkpoint.job_id == job_id)
-    if kind is not None:
-        q = q.where(Checkpoint.kind == kind)
-    return list(session.scalars(q.order_by(Checkpoint.created_at, Checkpoint.step)))
-
-
-def latest_checkpoint(session: Session, job_id: str, kind: str | None = None) -> Checkpoint | None:
-    q = select(Checkpoint).where(Checkpoint.job_id == job_id)
-    if kind is not None:
-        q = q.where(Checkpoint.kind == kind)
-    return session.scalars(q.order_by(Checkpoint.created_at.desc(), Checkpoint.step.desc()).limit(1)).first()
-
-
-def record_artifact(session: Session, job_id: str, name: str, path: str, kind: str) -> Artifact:
-    """Register a named output of a job (upsert by name)."""
-    begin_write(session)
-    art = session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)).one_or_none()
-    if art is None:
-        art = Artifact(job_id=job_id, name=name, path=str(path), kind=kind)
-        session.add(art)
-    art.path, art.kind, art.created_at = str(path), kind, utcnow()
-    try:
-        session.commit()
-    except IntegrityError as e:
-        session.rollback()
-        raise JobNotFound(job_id) from e
-    return art
-
-
-def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
-    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
-
-
-def record_eval_results(
-    session: Session, job_id: str, stage: str, checkpoint_step: int | None,
-    results: Mapping[str, Mapping[str, float | int | None] | float | int | None],
-) -> int:
-    """Store eval numbers as rows: `{task: {metric: value}}`, or `{task: value}` (metric "value").
-    A repeated evaluation of the same checkpoint replaces its earlier rows; returns rows written."""
-    rows: list[EvalResult] = []
-    for task, metrics in results.items():
-        items = metrics.items() if isinstance(metrics, Mapping) else [("value", metrics)]
-        for metric, value in items:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append(EvalResult(job_id=job_id, stage=stage, checkpoint_step=checkpoint_step,
-                                       task=str(task), metric=str(metric), value=float(value)))
-    begin_write(session)
-    step_match = (EvalResult.checkpoint_step.is_(None) if checkpoint_step is None
-                  else EvalResult.checkpoint_step == checkpoint_step)
-    session.execute(delete(EvalResult).where(EvalResult.job_id == job_id, EvalResult.stage == stage, step_match))
-    session.add_all(rows)
-    try:
-        session.commit()
-    except IntegrityError as e:
-        session.rollback()
-        raise JobNotFound(job_id) from e
-    return len(rows)
-
-
-def list_eval_results(session: Session, job_id: str, stage: str | None = None) -> list[EvalResult]:
-    q = select(EvalResult).where(EvalResult.job_id == job_id)
-    if stage is not None:
-        q = q.where(EvalResult.stage == stage)
-    return list(session.scalars(q.order_by(EvalResult.stage, EvalResult.task, EvalResult.metric)))
-
-
-# --- worker leases and reconciliation ------------------------------------------------------------
-def _upsert(session: Session) -> Any:
-    """The dialect's INSERT with ON CONFLICT support (same API on both backends)."""
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        return postgresql.insert
-    if name == "sqlite":
-        from sqlalchemy.dialects import sqlite
-
-        return sqlite.insert
-    raise RuntimeError(f"registry leases support PostgreSQL and SQLite, not {name}")
-
-
-def acquire_lease(
-    session: Session, job_id: str, worker_id: str, ttl_seconds: float, *, now: dt.datetime | None = None
-) -> bool:
-    """Take the job's lease for `ttl_seconds`. One statement: insert the row, or take it over only
-    if it has expired or is already ours; two racing workers cannot both win. True if we hold it."""
-    now = now or utcnow()
-    expires = now + dt.timedelta(seconds=ttl_seconds)
-    insert = _upsert(session)
-    stmt = insert(WorkerLease).values(job_id=job_id, worker_id=worker_id, acquired_at=now, expires_at=expires)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[WorkerLease.job_id],
-        set_={"worker_id": worker_id, "acquired_at": now, "expires_at": expires},
-        where=or_(WorkerLease.expires_at <= now, WorkerLease.worker_id == worker_id),
-    ).returning(WorkerLease.worker_id)
-    begin_write(session)
-    try:
-        won = session.execute(stmt).scalar_one_or_none()
-        session.commit()
-    except IntegrityError as e:  # foreign key: no such job
-        session.rollback()
-        raise JobNotFound(job_id) from e
-    return won == worker_id
-
-
-def renew_lease(
-    session: Session, job_id: str, worker_id: str, ttl_seconds: float, *, now: dt.datetime | None = None
-) -> bool:
-    """Extend our lease; False if another worker holds it now (we lost it and must stop)."""
-    now = now or utcnow()
-    begin_write(session)
-    res = session.execute(
-        update(WorkerLease)
-        .where(WorkerLease.job_id == job_id, WorkerLease.worker_id == worker_id)
-        .values(expires_at=now + dt.timedelta(seconds=ttl_seconds))
-    )
-    session.commit()
-    return bool(res.rowcount)  # type: ignore[attr-defined]
-
-
-def release_lease(session: Session, job_id: str, worker_id: str) -> bool:
-    """Drop our lease (no-op if someone else holds it); True if a row was removed."""
-    begin_write(session)
-    res = session.execute(
-        delete(WorkerLease).where(WorkerLease.job_id == job_id, WorkerLease.worker_id == worker_id)
-    )
-    session.commit()
-    return bool(res.rowcount)  # type: ignore[attr-defined]
-
-
-def get_lease(session: Session, job_id: str) -> WorkerLease | None:
-    return session.get(WorkerLease, job_id, populate_existing=True)
-
-
-def jobs_needing_reconcile(
-    session: Session, now: dt.datetime | None = None, *, grace_seconds: float = 0.0,
-    statuses: Iterable[str] = ("queued", "running"),
-) -> list[Job]:
-    """Jobs in `statuses` that no live worker holds: no lease row, or an expired one.
-
-    `grace_seconds` skips jobs updated more recently than that, so a job just enqueued (its task
-    still in flight to a worker) is not enqueued twice. Pass statuses=("queued", "running",
-    "cancelling") to also finish cancellations whose worker died.
-    """
-    now = now or utcnow()
-    live = select(WorkerLease.job_id).where(WorkerLease.expires_at > now)
-    q = select(Job).where(Job.status.in_(list(statuses)), Job.id.not_in(live))
-    if grace_seconds > 0:
-        q = q.where(Job.updated_at <= now - dt.timedelta(seconds=grace_seconds))
-    return list(session.scalars(q.order_by(Job.created_at)))

@@ -254,3 +254,17 @@ def test_list_jobs_pagination(sessions):
         with pytest.raises(ValueError, match="status"):
             r.list_jobs(s, status="sleeping")
         assert r.count_jobs_by_status(s)["queued"] == 6
+
+
+def test_concurrent_checkpoint_and_artifact_upserts_keep_one_row(db_url, sessions):
+    with sessions() as s:
+        jid = r.create_job(s, demo_spec()).id
+    _race(db_url, 4, lambda s, i: (r.record_checkpoint(s, jid, "pretrain", 50, f"/ck/{i}", "base"),
+                                   r.record_artifact(s, jid, "export", f"/ex/{i}", "export")))
+    with sessions() as s:
+        assert [c.step for c in r.list_checkpoints(s, jid)] == [50]
+        assert [a.name for a in r.list_artifacts(s, jid)] == ["export"]
+        with pytest.raises(r.JobNotFound):
+            r.record_checkpoint(s, "missing", "pretrain", 1, "/x")
+        with pytest.raises(r.JobNotFound):
+            r.record_artifact(s, "missing", "a", "/x", "export")
