@@ -154,3 +154,14 @@ def test_loads_in_transformers_with_chat_template(tok, tmp_path):
     ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert list(ids) == render_for_completion(tok, messages)
+
+
+def test_small_corpus_gives_smaller_vocab_with_specials_last():
+    tok = train_tokenizer(["ab ab ab cd"], vocab_size=1000)
+    assert 256 + 9 <= tok.vocab_size < 1000
+    assert tok.encode_special("<|output_end|>") == tok.vocab_size - 1
+    assert tok.bos_token_id == tok.vocab_size - 9
+    with pytest.raises(ValueError, match="str or list"):
+        tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="unknown special token"):
+        tok.encode_special("<|eot|>")
