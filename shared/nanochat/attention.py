@@ -30,7 +30,7 @@ BACKENDS = ("fa3", "flash", "flex", "sdpa", "math")
 try:
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 except ImportError:  # torch < 2.5
-    _flex_attention = None
+    _flex_attention = None  # type: ignore[assignment]
 
 
 # --- availability ----------------------------------------------------------------------------------

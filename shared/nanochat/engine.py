@@ -12,8 +12,9 @@ from __future__ import annotations
 import ast
 import operator
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -117,7 +118,7 @@ def sample_next_token(
 
 # --- calculator tool -----------------------------------------------------------------------------
 
-_BIN_OPS = {
+_BIN_OPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
@@ -125,7 +126,7 @@ _BIN_OPS = {
     ast.FloorDiv: operator.floordiv,
     ast.Mod: operator.mod,
 }
-_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_UNARY_OPS: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _MAX_ABS = 1e18  # keeps a chain of multiplications from building a huge integer
 _MAX_EXPR_CHARS = 200
 

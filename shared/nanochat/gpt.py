@@ -12,6 +12,9 @@ Build anywhere (including `torch.device("meta")`), then `to_empty(device=...)` +
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,6 +91,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(b, t, self.n_kv_head, self.head_dim)
         if ve is not None:
             # Value residual (ResFormer): per-kv-head gate in (0, 3) read from the first channels.
+            assert self.ve_gate is not None  # ve is only passed to layers built with a gate
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(b, t, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -122,6 +126,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    cos: torch.Tensor  # (1, T_rot, 1, head_dim / 2) rotary tables, non-persistent buffers
+    sin: torch.Tensor
+
     def __init__(
         self, config: GPTConfig, *, attn_backend: str = "auto", compute_dtype: torch.dtype | None = None
     ) -> None:
@@ -169,10 +176,10 @@ class GPT(nn.Module):
         matrices uniform with std 1/sqrt(d) (c_fc at 0.4x), output projections zero, gates small
         positive, lambdas on their per-layer ramps."""
         cfg = self.config
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         bound = 3**0.5 * cfg.n_embd**-0.5  # uniform(-a, a) has std a/sqrt(3): same std as normal(1/sqrt(d))
-        for block in self.transformer.h:
+        for block in self.blocks:
             for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight):
                 nn.init.uniform_(w, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
@@ -187,21 +194,21 @@ class GPT(nn.Module):
         nn.init.zeros_(self.smear_lambda)
         nn.init.constant_(self.backout_lambda, 0.2)
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
-        for ve in self.value_embeds.values():
-            nn.init.uniform_(ve.weight, -bound, bound)
+        for w in self.value_embeds.parameters():
+            nn.init.uniform_(w, -bound, bound)
         self.init_rotary()
         self._attn_setup.clear()
         # Embeddings are lookups: storing them in the compute dtype saves memory and the optimizer
         # copes. fp16 is the exception: GradScaler cannot unscale fp16 gradients.
         if self.compute_dtype is not None and self.compute_dtype != torch.float16:
-            self.transformer.wte.to(dtype=self.compute_dtype)
+            self.wte.to(dtype=self.compute_dtype)
             for ve in self.value_embeds.values():
                 ve.to(dtype=self.compute_dtype)
         device = self.cos.device
         if device.type != "meta":
             # Warm the training-shape attention setup now, in eager mode, so torch.compile of the
             # forward finds it cached (no graph break, no mask building inside the graph).
-            dtype = self.compute_dtype or self.transformer.wte.weight.dtype
+            dtype = self.compute_dtype or self.wte.weight.dtype
             self._build_attention_setup(self.config.sequence_len, device, dtype, True)
 
     @torch.no_grad()
@@ -210,6 +217,14 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.cos.shape[1], self.config.head_dim, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    @property
+    def wte(self) -> nn.Embedding:
+        return cast(nn.Embedding, self.transformer["wte"])
+
+    @property
+    def blocks(self) -> Sequence[Block]:
+        return cast(Sequence[Block], self.transformer["h"])
 
     @property
     def attn_backend(self) -> str:
@@ -222,13 +237,13 @@ class GPT(nn.Module):
 
     # --- helpers ---------------------------------------------------------------------------------
     def get_device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return self.wte.weight.device
 
     def attention_backends(self, device=None, dtype: torch.dtype | None = None) -> list[str]:
         """The attention backend each layer uses on `device` (default: the model's) for
         training-shape input; for logs and reports."""
         device = torch.device(device) if device is not None else self.get_device()
-        dtype = dtype or self.compute_dtype or self.transformer.wte.weight.dtype
+        dtype = dtype or self.compute_dtype or self.wte.weight.dtype
         return list(self._attention_setup(self.config.sequence_len, device, dtype, False)[0])
 
     def _attention_setup(self, t: int, device: torch.device, dtype: torch.dtype, masks: bool):
@@ -277,7 +292,7 @@ class GPT(nn.Module):
         pos = 0 if kv_cache is None else kv_cache.pos
         if pos + t > self.cos.shape[1]:
             raise ValueError(f"sequence position {pos + t} exceeds the rotary table ({self.cos.shape[1]})")
-        x = self.transformer.wte(idx)
+        x = self.wte(idx)
         dtype = self.compute_dtype or x.dtype
         x = norm(x.to(dtype))  # (B, T, C)
         cos = self.cos[:, pos : pos + t].to(dtype)
@@ -293,7 +308,7 @@ class GPT(nn.Module):
         x0 = x
         backends, masks = self._attention_setup(t, idx.device, dtype, kv_cache is None)
         x_mid = None
-        for i, block in enumerate(self.transformer.h):
+        for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.windows[i], backends[i], kv_cache, masks.get(self.windows[i]))
@@ -319,10 +334,10 @@ class GPT(nn.Module):
         """Parameter counts per group (the reference's `num_scaling_params` dict); no data is read,
         so it works on the meta device."""
         counts = {
-            "wte": self.transformer.wte.weight.numel(),
+            "wte": self.wte.weight.numel(),
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "lm_head": self.lm_head.weight.numel(),
-            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "transformer_matrices": sum(p.numel() for p in self.transformer["h"].parameters()),
             "scalars": sum(
                 p.numel()
                 for p in (

@@ -288,7 +288,10 @@ def plan_config(
     ref_tokens = target_param_data_ratio * num_scaling_params(ref_config)
 
     auto = total_batch_size is None
-    batch = auto_total_batch_size(target_tokens, ref_tokens) if auto else int(total_batch_size)
+    if total_batch_size is None:
+        batch = auto_total_batch_size(target_tokens, ref_tokens)
+    else:
+        batch = int(total_batch_size)
     lr_scale = math.sqrt(batch / REF_BATCH_TOKENS)
     # D_ref/D uses the ratio-based horizons like the reference, whatever sets the iteration count.
     wd = (
