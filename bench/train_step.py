@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from shared.nanochat.device import apply_env_defaults, choose_dtype, detect_devi
 from shared.nanochat.gpt import GPT  # noqa: E402
 from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups  # noqa: E402
 
-SEED_REFERENCE = {"device": "mi300x", "depth": 24, "mfu": 0.275, "tokens_per_sec": 68_000}
+SEED_REFERENCE: dict[str, Any] = {"device": "mi300x", "depth": 24, "mfu": 0.275, "tokens_per_sec": 68_000}
 
 
 def measure(cfg: GPTConfig, backend: str, args, dev, dtype) -> dict:
@@ -46,11 +47,11 @@ def measure(cfg: GPTConfig, backend: str, args, dev, dtype) -> dict:
         compile_kernels=use_compile,
     )
     gen = torch.Generator(device="cpu").manual_seed(0)
-    batches = [
+    rows = [
         torch.randint(0, cfg.vocab_size, (args.device_batch_size, cfg.sequence_len + 1), generator=gen)
         for _ in range(4)
     ]
-    batches = [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device)) for b in batches]
+    batches = [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device)) for b in rows]
 
     def sync():
         if device.type == "cuda":

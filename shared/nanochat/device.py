@@ -140,9 +140,10 @@ def init_distributed(device_type: str) -> DistInfo:
     else:
         device = torch.device(device_type)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device_type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        if device_type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank, local, world, device)
 
 

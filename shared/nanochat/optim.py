@@ -281,7 +281,7 @@ class MuonAdamW(torch.optim.Optimizer):
             gathers.append(dict(work=None, params=params, stacked=stacked))
             return
         mine = torch.zeros(chunk, rows, cols, dtype=p0.dtype, device=p0.device)
-        if owned > 0:
+        if stacked is not None:
             mine[:owned].copy_(stacked)
         # The reduce buffer is free again: reuse it as the gather destination.
         gathers.append(
@@ -293,7 +293,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("MuonAdamW.step does not take a closure")
         rank, world = _dist_info()
-        reduces = [
+        reduces: list[Any] = [
             self._reduce_adamw(g, world) if g["kind"] == "adamw" else self._reduce_muon(g, world)
             for g in self.param_groups
         ]
@@ -358,7 +358,7 @@ def build_param_groups(
     buckets: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         buckets.setdefault(_classify(name), []).append(p)
-    n_embd = model.config.n_embd  # type: ignore[union-attr]
+    n_embd = int(getattr(model, "config").n_embd)  # noqa: B009 - any module with a GPTConfig
     # AdamW LRs were tuned at width 768 and scale as 1/sqrt(width); scalars are not scaled.
     dim_scale = (n_embd / 768) ** -0.5
     wd = cfg.weight_decay if weight_decay is None else weight_decay

@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     if cfg.fp8:
         enable_fp8(model, dev.type)
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    train_model: torch.nn.Module = torch.compile(model, dynamic=False) if use_compile else model  # type: ignore[assignment]
 
     optimizer = MuonAdamW(
         build_param_groups(
