@@ -95,3 +95,9 @@ def trained_base(tmp_path_factory):
     result = train(cfg)
     assert result.checkpoint_step == 30
     return data, root / "tokenizer", root / "base"
+
+
+@pytest.fixture
+def scripted_ids(tokenizer):
+    """ScriptedLM over token-id sequences (for prompts that contain special tokens)."""
+    return lambda known: ScriptedLM(known, tokenizer.vocab_size)
