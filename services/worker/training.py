@@ -153,7 +153,7 @@ def _train(ctx: StageContext, mode: str, cfg: dict[str, Any], ckpt_dir: Path, ki
     forward = ProgressForwarder(ctx.sessions, ctx.job_id, ctx.stage, kind)
 
     if int(ctx.spec.get("hardware", {}).get("nodes", 1)) > 1:
-        rc, cancelled, error = _train_multinode(ctx, forward)
+        rc, cancelled, error = _train_multinode(ctx, mode, cfg_path, forward)
         log_path = ctx.run.logs / f"{mode}.log"
     else:
         launch = LaunchConfig(mode=mode, config_path=cfg_path, run=ctx.run, nproc=_nproc(ctx),
@@ -201,29 +201,61 @@ def _sync_checkpoints(ctx: StageContext, ckpt_dir: Path, kind: str, forward: Pro
             registry.record_checkpoint(s, ctx.job_id, ctx.stage, step, str(ckpt_dir), kind=kind)
 
 
-def _train_multinode(ctx: StageContext, forward: ProgressForwarder) -> tuple[int, bool, str | None]:
+def _train_multinode(ctx: StageContext, mode: str, cfg_path: Path,
+                     forward: ProgressForwarder) -> tuple[int, bool, str | None]:
+    """Hand the run to the Kubernetes launcher and follow it through the shared progress file."""
     try:
-        from services.train_worker.k8s import launch_multinode
+        from services.train_worker import k8s
     except ImportError as e:
         raise StageError("multinode_unavailable",
                          f"hardware.nodes > 1 needs the Kubernetes launcher (services/train_worker/k8s.py): {e}"
                          ) from None
-    info = launch_multinode(ctx.job_id, ctx.spec, ctx.settings)
-    ctx.event("multinode_launched", "multi-node training submitted to Kubernetes", _plain(info))
-    if isinstance(info, dict) and info.get("reason") and not info.get("created", True):
-        raise StageError("multinode_unschedulable", str(info["reason"]))
-    # The pods write progress.jsonl on the shared volume; follow it like a local child's.
+    last_reason = None
+    while True:
+        info = k8s.launch_multinode(ctx.job_id, ctx.spec, ctx.settings, mode=mode, config_path=cfg_path)
+        status, reason = info.get("status"), str(info.get("reason", ""))
+        if status == "unavailable":
+            raise StageError("multinode_unavailable", reason)
+        if status in ("created", "exists"):
+            ctx.event("multinode_launched", reason, _plain(info))
+            break
+        # "queued": the cluster cannot hold the pods now. The job waits (visibly) instead of failing.
+        if reason != last_reason:
+            ctx.event("waiting_for_gpus", reason, _plain(info))
+            last_reason = reason
+        if ctx.heartbeat.lost.is_set() or ctx.cancel_requested():
+            return 0, True, None
+        time.sleep(15.0)
+
     tail = ProgressTail(ctx.run.progress_file)
     cancelled = False
+    stop_deadline = None
     while forward.done is None and forward.error is None:
         records = tail.read()
         if records:
             forward(records)
+            continue
         if not cancelled and (ctx.heartbeat.lost.is_set() or ctx.cancel_requested()):
             cancelled = True
             ctx.run.stop_file.write_text("cancel requested\n")
+            stop_deadline = time.monotonic() + ctx.settings.cancel_grace_seconds
+        if stop_deadline is not None and time.monotonic() > stop_deadline:
+            break  # the pods did not stop in time; deleting the Job kills them
+        state = k8s.multinode_status(_k8s_job(k8s, ctx))
+        if state in ("failed", "missing"):
+            return 1, cancelled, f"Kubernetes Job {k8s.resource_name(ctx.job_id)} is {state}"
         time.sleep(2.0)
+    if cancelled:
+        k8s.delete_multinode(ctx.job_id, ctx.settings)
     return (0 if forward.done is not None else 1), cancelled, forward.error
+
+
+def _k8s_job(k8s, ctx: StageContext) -> dict | None:  # noqa: ANN001 - the k8s module
+    client = k8s.KubeClient(ctx.settings)
+    try:
+        return client.get_job(k8s.resource_name(ctx.job_id))
+    finally:
+        client.close()
 
 
 def _plain(info: Any) -> dict[str, Any]:

@@ -156,3 +156,43 @@ def test_reconciler_leaves_live_and_recent_jobs_alone(sessions, submit, make_spe
 def test_job_stages_end_with_report():
     assert job_stages({"kind": "eval", "stages": None}) == ["base_eval", "report"]
     assert job_stages({"kind": "pipeline", "stages": ["data", "tokenizer"]}) == ["data", "tokenizer", "report"]
+
+
+def test_multinode_without_cluster_fails_with_a_clear_error(sessions, submit, make_spec):
+    job_id = submit(make_spec(stages=["pretrain"], hardware={"gpus": 1, "nodes": 2, "device": "cuda"},
+                              batch={"total_batch_size": 512}), enqueue=False)
+    out, sent = _run(sessions, job_id, "pretrain")
+    assert out == "failed" and sent == []
+    job, stages = _job(sessions, job_id)
+    assert job.status == "failed" and job.error_code == "multinode_unavailable"
+    assert "NCP_K8S_TRAIN_IMAGE" in job.error_message
+
+
+def test_heartbeat_notices_a_stolen_lease(sessions, submit, make_spec):
+    from services.worker.lease import LeaseHeartbeat
+
+    job_id = submit(make_spec(stages=["data"]), enqueue=False)
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=30)
+    with session_scope(sessions) as s:
+        assert registry.acquire_lease(s, job_id, "slow-worker", 1, now=past)  # already expired
+        assert registry.acquire_lease(s, job_id, "new-owner", 60)  # the reconciler's new worker
+    hb = LeaseHeartbeat(sessions, job_id, "slow-worker", ttl_seconds=0.6)
+    with hb:
+        assert hb.lost.wait(5)
+    with session_scope(sessions) as s:
+        assert registry.get_lease(s, job_id).worker_id == "new-owner"
+
+
+def test_worker_cli_arguments():
+    import pytest
+
+    from services.cli.commands.worker import parse_queues, worker_argv
+
+    assert parse_queues("data, eval") == ["data", "eval"]
+    with pytest.raises(ValueError, match="--queues"):
+        parse_queues("data,gpu")
+    argv = worker_argv(["train"], 4, "INFO")
+    assert argv[argv.index("-c") + 1] == "1"  # one training task at a time, whatever was asked
+    assert argv[argv.index("-Q") + 1] == "train"
+    argv = worker_argv(["data", "eval"], 3, "INFO")
+    assert argv[argv.index("-c") + 1] == "3"
