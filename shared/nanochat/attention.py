@@ -105,6 +105,7 @@ def select_backend(
     seq_len: int | None = None,
     requested: str = "auto",
     dtype: torch.dtype | None = None,
+    head_dim: int = 128,
 ) -> str:
     """Pick a backend for one layer. `requested` is a backend name or "auto".
 
@@ -120,14 +121,45 @@ def select_backend(
         return requested
     half = dtype in (torch.float16, torch.bfloat16) if dtype is not None else True
     for name in avail:
-        if name in ("fa3", "flash") and half:
+        if name in ("fa3", "flash") and half and backend_works(name, device, head_dim):
             return name
-        if name == "flex" and _device_type(device) == "cuda":
+        if name == "flex" and _device_type(device) == "cuda" and backend_works(name, device, head_dim):
             windowed = window is not None and seq_len is not None and window < seq_len - 1
             return "flex" if windowed else "sdpa"
         if name == "sdpa":
             return "sdpa"
     return "math"
+
+
+def backend_works(backend: str, device: torch.device | str, head_dim: int = 128) -> bool:
+    """Run `backend` once on a small windowed GQA problem (training and KV-cache paths) and
+    compare with the math reference. Importable is not enough: a build may lack sliding windows
+    (some ROCm flash-attn backends) or a head size; "auto" then moves on to the next exact kernel."""
+    return _probe(backend, str(torch.device(device)), head_dim)
+
+
+@functools.cache
+def _probe(backend: str, device: str, head_dim: int) -> bool:
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 256, h, head_dim, generator=g).to(device, dtype) for h in (4, 2, 2))
+    try:
+        with torch.no_grad():
+            want = _math(q, k, v, 64, 0).float()
+            got = attention(q, k, v, window=64, backend=backend).float()
+            k_cache = torch.zeros(1, 256, 2, head_dim, device=device, dtype=dtype)
+            v_cache = torch.zeros_like(k_cache)
+            first = attention_with_cache(
+                q[:, :200], k[:, :200], v[:, :200], k_cache, v_cache, 0, window=64, backend=backend
+            )
+            rest = attention_with_cache(
+                q[:, 200:], k[:, 200:], v[:, 200:], k_cache, v_cache, 200, window=64, backend=backend
+            )
+    except Exception:  # an unsupported feature surfaces as an error from the kernel
+        return False
+    cached = torch.cat([first, rest], dim=1).float()
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    return bool((got - want).abs().max() < tol and (cached - want).abs().max() < tol)
 
 
 # --- masks -----------------------------------------------------------------------------------------

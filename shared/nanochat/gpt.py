@@ -258,7 +258,9 @@ class GPT(nn.Module):
     @torch.compiler.disable
     def _build_attention_setup(self, t: int, device: torch.device, dtype: torch.dtype, masks: bool):
         backends = [
-            select_backend(device, w, self.config.sequence_len, self.attn_backend, dtype)
+            select_backend(
+                device, w, self.config.sequence_len, self.attn_backend, dtype, self.config.head_dim
+            )
             for w in self.windows
         ]
         flex_windows = [w for w, be in zip(self.windows, backends, strict=True) if be == "flex"]

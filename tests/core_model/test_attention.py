@@ -82,6 +82,13 @@ def test_cache_overflow_is_an_error():
         attention_with_cache(q, k, v, torch.zeros(2, 3, 2, 16), torch.zeros(2, 3, 2, 16), 0, window=8)
 
 
+def test_backend_probe():
+    from shared.nanochat.attention import backend_works
+
+    assert backend_works("sdpa", "cpu", 64) and backend_works("flex", "cpu", 64)
+    assert not backend_works("fa3", "cpu", 64)  # not importable here: the probe fails, not crashes
+
+
 def test_select_backend():
     assert select_backend("cpu", 512, 2048) == "sdpa"
     assert select_backend("cpu", 512, 2048, requested="flex") == "flex"
