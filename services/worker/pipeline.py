@@ -120,12 +120,11 @@ def run_stage(
     sessions: sessionmaker[Session],
     worker_id: str,
     enqueue: Enqueue,
-    stage_fns: dict[str, StageFn] | None = None,
 ) -> str:
     """Run `stage` of `job_id` if it is this delivery's to run; returns what happened (for logs
     and tests): ran | failed | cancelled | duplicate | leased | out_of_order | finished | missing."""
-    if stage_fns is None:
-        from services.worker.stages import STAGE_FUNCTIONS as stage_fns
+    from services.worker.stages import STAGE_FUNCTIONS  # stages import this module
+
     with session_scope(sessions) as s:
         try:
             job = registry.get_job(s, job_id)
@@ -167,7 +166,7 @@ def run_stage(
     ctx.run.root.mkdir(parents=True, exist_ok=True)
     with ctx.heartbeat:
         try:
-            outputs = stage_fns[stage](ctx)
+            outputs = STAGE_FUNCTIONS[stage](ctx)
             if ctx.heartbeat.lost.is_set():
                 raise LeaseLost(job_id)
         except LeaseLost:

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"ncp up: home {home}", flush=True)
     print(f"ncp up: registry {_redact(settings.database_url or '')}, broker {_redact(settings.broker_url or '')}",
           flush=True)
+    assert settings.database_url is not None  # filled in by Settings
     upgrade(settings.database_url)  # migrations are a step before the API starts, never inside it
     specs = child_specs(settings, args.workers, inference)
     log_dir = home / "logs"
