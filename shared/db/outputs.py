@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -102,6 +102,22 @@ def latest_checkpoint(session: Session, job_id: str, kind: str | None = None) ->
     if kind is not None:
         q = q.where(Checkpoint.kind == kind)
     return session.scalars(q.order_by(Checkpoint.created_at.desc(), Checkpoint.step.desc()).limit(1)).first()
+
+
+def latest_checkpoints(session: Session, job_ids: Iterable[str]) -> dict[str, Checkpoint]:
+    """The newest checkpoint of each job that has one, in one query (for job listings)."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    newest = (
+        select(Checkpoint.job_id, func.max(Checkpoint.created_at).label("at"))
+        .where(Checkpoint.job_id.in_(ids)).group_by(Checkpoint.job_id).subquery()
+    )
+    rows = session.scalars(
+        select(Checkpoint).join(newest, (Checkpoint.job_id == newest.c.job_id) & (Checkpoint.created_at == newest.c.at))
+        .order_by(Checkpoint.step)
+    )
+    return {c.job_id: c for c in rows}  # equal timestamps: the higher step wins (ordered last)
 
 
 def record_artifact(session: Session, job_id: str, name: str, path: str, kind: str) -> Artifact:

@@ -40,6 +40,7 @@ from shared.db.outputs import (
     add_metrics,
     get_metrics,
     latest_checkpoint,
+    latest_checkpoints,
     list_artifacts,
     list_checkpoints,
     list_eval_results,
@@ -53,10 +54,10 @@ __all__ = [
     "TRANSITIONS", "IdempotencyConflict", "IllegalTransition", "JobNotFound", "RegistryError",
     "acquire_lease", "add_event", "add_metrics", "count_jobs_by_status", "create_job", "create_or_get_job",
     "fail_stage", "finish_stage", "get_job", "get_lease", "get_metrics", "get_stage", "increment_attempts",
-    "jobs_needing_reconcile", "latest_checkpoint", "list_artifacts", "list_checkpoints", "list_eval_results",
-    "list_events", "list_jobs", "record_artifact", "record_checkpoint", "record_eval_results", "release_lease",
-    "renew_lease", "request_cancel", "resume_job", "set_job_status", "set_stage_status", "start_stage",
-    "update_progress",
+    "jobs_needing_reconcile", "latest_checkpoint", "latest_checkpoints", "list_artifacts",
+    "list_checkpoints", "list_eval_results", "list_events", "list_jobs", "record_artifact",
+    "record_checkpoint", "record_eval_results", "release_lease", "renew_lease", "request_cancel",
+    "resume_job", "set_job_status", "set_stage_status", "start_stage", "update_progress",
 ]
 
 

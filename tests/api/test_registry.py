@@ -131,6 +131,10 @@ def test_metrics_checkpoints_artifacts_evals(sessions):
         assert latest is not None and latest.step == 20 and latest.val_bpb == 1.5
         with pytest.raises(ValueError):
             r.record_checkpoint(s, jid, "pretrain", 1, "/x", "lora")
+        bare = r.create_job(s, demo_spec()).id
+        newest = r.latest_checkpoints(s, [jid, bare, "missing"])
+        assert set(newest) == {jid} and newest[jid].step == 20
+        assert r.latest_checkpoints(s, []) == {}
 
         r.record_artifact(s, jid, "tokenizer", "/t", "tokenizer")
         r.record_artifact(s, jid, "tokenizer", "/t2", "tokenizer")

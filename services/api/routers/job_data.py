@@ -41,9 +41,11 @@ MAX_LOG_BYTES = 4 * 1024 * 1024  # never read more than this from the end of one
 # --- events --------------------------------------------------------------------------------------
 def _poll_events(sessions: sessionmaker[Session], job_id: str, after: int) -> tuple[list[EventPublic], bool]:
     # A short session per poll: a live stream must not hold a transaction (or a SQLite lock) open.
+    # Status first, events second: the event announcing the final status commits together with
+    # it, so a poll that sees a finished job also sees that event.
     with session_scope(sessions) as s:
-        events = [EventPublic.of(e) for e in registry.list_events(s, job_id, after_seq=after, limit=500)]
         terminal = registry.get_job(s, job_id).is_terminal
+        events = [EventPublic.of(e) for e in registry.list_events(s, job_id, after_seq=after, limit=500)]
     return events, terminal
 
 
@@ -51,12 +53,16 @@ async def _event_stream(request: Request, job_id: str, after: int) -> AsyncItera
     sessions = request.app.state.session_factory
     interval: float = request.app.state.sse_poll_seconds
     while True:
-        events, terminal = await to_thread.run_sync(_poll_events, sessions, job_id, after)
+        try:
+            events, terminal = await to_thread.run_sync(_poll_events, sessions, job_id, after)
+        except Exception as e:  # registry gone mid-stream: tell the client, end the stream cleanly
+            yield {"event": "error", "data": json.dumps({"code": "database_unavailable",
+                                                         "message": f"{type(e).__name__}: {e}"[:500]})}
+            return
         for ev in events:
             after = ev.seq
             yield {"id": str(ev.seq), "event": ev.type, "data": ev.model_dump_json()}
-        # Events written before the job turned terminal were read in this same poll, so stopping
-        # after a terminal poll loses nothing.
+        # Every event written up to the job's end was read by this poll (see _poll_events).
         if terminal and not events:
             yield {"event": "end", "data": json.dumps({"job_id": job_id})}
             return

@@ -88,7 +88,9 @@ def list_jobs(
     except ValueError as e:
         field = "cursor" if "cursor" in str(e) else "status"
         raise ApiError(422, "validation_error", str(e), field) from None
-    return JobsPublic(data=[_public(session, j) for j in jobs], count=len(jobs), next_cursor=next_cursor)
+    latest = registry.latest_checkpoints(session, [j.id for j in jobs])
+    return JobsPublic(data=[JobPublic.of(j, latest.get(j.id)) for j in jobs], count=len(jobs),
+                      next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Job status and progress")

@@ -76,6 +76,10 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+# How long `follow` waits, once the job has finished, for the event stream to deliver its last events.
+END_GRACE_SECONDS = 5.0
+
+
 def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float = 1.0) -> dict[str, Any]:
     """Print events as they stream in and a live progress line until the job finishes; returns it."""
     out = out or sys.stdout
@@ -92,6 +96,7 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
 
     threading.Thread(target=reader, daemon=True, name="sse-reader").start()
     last_line, stream_done = "", False
+    finished_at: float | None = None
     while True:
         while True:
             try:
@@ -102,6 +107,8 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
                 stream_done = True
             elif isinstance(item, ApiClientError):
                 print(f"\n(event stream: {item}; polling instead)" if tty else f"(event stream: {item})", file=out)
+            elif item.event == "error":
+                print(("\n" if tty else "") + f"(event stream error: {item.data})", file=out)
             elif item.event != "end":
                 ev = item.json()
                 stage = f"[{ev['stage']}] " if ev.get("stage") else ""
@@ -112,10 +119,17 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
         if line != last_line:
             print(f"\r\033[K{line}" if tty else line, end="" if tty else "\n", file=out, flush=True)
             last_line = line
-        if job["status"] in TERMINAL and (stream_done or events.empty()):
-            if tty:
-                print(file=out)
-            return job
+        if job["status"] in TERMINAL:
+            if stream_done and events.empty():
+                if tty:
+                    print(file=out)
+                return job
+            if finished_at is None:
+                finished_at = time.monotonic()
+            elif time.monotonic() - finished_at > END_GRACE_SECONDS:
+                stream_done = True  # the stream never said goodbye; the job is over regardless
+            time.sleep(0.1)
+            continue
         time.sleep(poll_seconds)
 
 
