@@ -128,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         head_dim=args.head_dim,
         window_pattern=args.window_pattern,
     )
-    print(
-        f"device: {dev.name} ({dev.backend}, peak {dev.peak_flops or 0:.3g} FLOP/s) dtype {dtype} torch {torch.__version__}"
-    )
+    peak = f"{dev.peak_flops:.4g} FLOP/s" if dev.peak_flops else "unknown, no MFU"
+    print(f"device: {dev.name} ({dev.backend}, peak {peak}) dtype {dtype} torch {torch.__version__}")
     print(
         f"model: depth {args.depth}, dim {cfg.n_embd}, heads {cfg.n_head}x{cfg.head_dim}, vocab {cfg.vocab_size}, "
         f"T {cfg.sequence_len}, windows {args.window_pattern}; {sizing.num_scaling_params(cfg):,} scaling params, "
