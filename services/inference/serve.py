@@ -90,6 +90,9 @@ def child_command(cfg: ServeConfig, engine: str, name: str, path: str) -> list[s
             "--host", cfg.host, "--port", str(cfg.port),
             "--dtype", cfg.dtype,
             "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+            # Our template loops over content parts for assistant tool calls, which vLLM's "auto"
+            # detection takes for OpenAI list-of-parts format and would then stringify user lists.
+            "--chat-template-content-format", "string",
         ]  # fmt: skip
         if cfg.max_model_len:
             cmd += ["--max-model-len", str(cfg.max_model_len)]
