@@ -199,3 +199,40 @@ def test_without_token_only_loopback_clients_are_served(settings):
     with LiveServer(create_app(secured), host="0.0.0.0") as srv:
         resp = httpx.get(f"http://{ip}:{srv.port}/jobs", headers={"Authorization": "Bearer tok-123456"})
         assert resp.status_code == 200
+
+
+def test_sse_reports_registry_loss_and_ends(tmp_path):
+    """The registry disappears mid-stream: the client gets an `error` event, not a hung stream."""
+    import secrets
+
+    import psycopg
+
+    from services.api.app import create_app
+    from services.api.migrate import upgrade
+    from shared.settings import Settings
+
+    from .conftest import PG_ADMIN, LiveServer, pg_url
+
+    name = f"ncp_test_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        upgrade(pg_url(name))
+        settings = Settings(home=tmp_path / "home", database_url=pg_url(name),
+                            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+        app = create_app(settings)
+        app.state.sse_poll_seconds = 0.05
+        with LiveServer(app) as srv, JobsClient(srv.url) as client:
+            job = client.submit(demo_spec().model_dump(mode="json"))
+            stream = client.stream_events(job["id"])
+            first = next(stream)
+            assert first.event == "created"
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            rest = list(stream)
+            assert rest and rest[-1].event == "error"
+            assert rest[-1].json()["code"] == "database_unavailable"
+            assert client._http.get(f"/jobs/{job['id']}").status_code == 503
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
