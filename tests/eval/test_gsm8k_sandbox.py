@@ -79,6 +79,8 @@ def test_sandbox_blocks_writes_outside(tmp_path):
         f"import os\nos.system('touch {target}')",
         f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
         f"import os\nos.remove({str(Path(__file__))!r})",
+        # raising its own limits (possible when the worker runs as root) is refused too
+        "import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, (-1, -1))",
     ):
         assert run_program(code, FAST).status == "failed", code
     assert not target.exists() and Path(__file__).exists()

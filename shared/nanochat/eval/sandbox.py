@@ -20,16 +20,25 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# Runs inside the child before the program; `sys.argv[1]` is the program file.
+# Runs inside the child before the program: `sys.argv[1]` is the program file, argv[2:] the limits
+# (cpu seconds, address-space bytes, file bytes, open files). Setting them here rather than in a
+# preexec_fn keeps the fork safe in a multi-threaded parent (torch, Celery).
 _GUARD = r"""
-import os, sys
+import os, sys, resource
+_cpu, _mem, _fsize, _nofile = (int(a) for a in sys.argv[2:6])
+resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
+resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
+resource.setrlimit(resource.RLIMIT_FSIZE, (_fsize, _fsize))
+resource.setrlimit(resource.RLIMIT_NOFILE, (_nofile, _nofile))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 _ROOT = os.path.realpath(os.getcwd()) + os.sep
 _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
                 "os.symlink", "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move",
                 "os.replace"}
 _BANNED = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-           "subprocess.Popen", "ctypes.", "os.kill", "os.killpg", "socket.connect", "pty.")
+           "subprocess.Popen", "ctypes.", "os.kill", "os.killpg", "socket.connect", "pty.",
+           "resource.setrlimit", "resource.prlimit")
 
 def _inside(p):
     if isinstance(p, int):
@@ -84,19 +93,6 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def _limit_child(limits: SandboxLimits):
-    def apply() -> None:  # runs in the child between fork and exec
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -122,14 +118,23 @@ def run_program(code: str, limits: SandboxLimits | None = None) -> SandboxResult
         # output goes to files in the sandbox so RLIMIT_FSIZE also caps a runaway print loop
         with (work / "stdout.txt").open("wb") as out_f, (work / "stderr.txt").open("wb") as err_f:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "guard.py", "program.py"],
+                [
+                    sys.executable,
+                    "-I",
+                    "-B",
+                    "guard.py",
+                    "program.py",
+                    str(limits.cpu_seconds),
+                    str(limits.memory_bytes),
+                    str(limits.file_bytes),
+                    str(limits.open_files),
+                ],  # fmt: skip
                 cwd=tmp,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out_f,
                 stderr=err_f,
                 start_new_session=True,  # own process group, so the kill reaches its children
-                preexec_fn=_limit_child(limits),
             )
             timed_out = False
             try:
