@@ -15,6 +15,7 @@ is needed in the image.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ ENTRY_MODULE = "services.train_worker.entry"
 # well below that.
 _MAX_NAME = 50
 _LABEL_ID = re.compile(r"[^a-z0-9-]+")
+# GPU process settings the training pods inherit from the worker that launches them (the chart
+# sets them on the worker from values gpu.env); docs/deploy.md explains each.
+GPU_ENV_KEYS = ("HIP_FORCE_DEV_KERNARG", "HSA_OVERRIDE_GFX_VERSION", "PYTORCH_ALLOC_CONF")
+POD_FS_GROUP = 10001  # the images' non-root user; makes the checkpoint volume writable
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class MultinodeConfig:
     config_map: str = ""
     rdzv_port: int = 29500
     shm_size: str = "64Gi"
+    env: tuple[tuple[str, str], ...] = ()  # extra container env, e.g. the ROCm settings
+    supplemental_groups: tuple[int, ...] = ()  # GIDs owning /dev/kfd, /dev/dri on the nodes
 
     def __post_init__(self) -> None:
         if not self.job_id or not re.fullmatch(r"[A-Za-z0-9-]+", self.job_id):
@@ -65,7 +72,9 @@ class MultinodeConfig:
         if self.mode not in ("pretrain", "sft"):
             raise ValueError(f"mode must be 'pretrain' or 'sft', got {self.mode!r}")
         if not self.gpu_resource or "/" not in self.gpu_resource:
-            raise ValueError(f"gpu_resource must be an extended resource like amd.com/gpu, got {self.gpu_resource!r}")
+            raise ValueError(
+                f"gpu_resource must be an extended resource like amd.com/gpu, got {self.gpu_resource!r}"
+            )
         if not 0 < self.rdzv_port < 65536:
             raise ValueError(f"rdzv_port must be in 1..65535, got {self.rdzv_port}")
         for name in ("home", "config_path", "progress_path", "stop_path"):
@@ -99,8 +108,15 @@ def multinode_config(
     mode: str = "pretrain",
     config_path: str | Path | None = None,
     namespace: str | None = None,
+    env: dict[str, str] | None = None,
+    supplemental_groups: tuple[int, ...] | None = None,
 ) -> MultinodeConfig:
-    """The launch parameters for `spec` (a JobSpec as JSON). Paths default to the run folder."""
+    """The launch parameters for `spec` (a JobSpec as JSON). Paths default to the run folder;
+    GPU env and device groups default to the launching worker's own (same image, same devices)."""
+    if env is None:
+        env = {k: os.environ[k] for k in GPU_ENV_KEYS if k in os.environ}
+    if supplemental_groups is None:
+        supplemental_groups = tuple(g for g in os.getgroups() if g not in (0, os.getgid(), POD_FS_GROUP))
     hw = spec.get("hardware") or {}
     nodes = int(hw.get("nodes", 1))
     nproc = settings.nproc_per_node or int(hw.get("gpus", 1))
@@ -120,6 +136,8 @@ def multinode_config(
         checkpoint_claim=settings.k8s_checkpoint_claim,
         config_map=settings.k8s_config_map,
         rdzv_port=settings.k8s_rdzv_port,
+        env=tuple(sorted(env.items())),
+        supplemental_groups=tuple(supplemental_groups),
     )
 
 
@@ -169,10 +187,13 @@ def render_multinode_manifests(cfg: MultinodeConfig) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {
             "name": "JOB_COMPLETION_INDEX",
-            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
         },
         {"name": "NCP_HOME", "value": cfg.home},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *({"name": k, "value": v} for k, v in cfg.env),
     ]
     container: dict[str, Any] = {
         "name": "trainer",
@@ -188,10 +209,15 @@ def render_multinode_manifests(cfg: MultinodeConfig) -> list[dict[str, Any]]:
     }
     if cfg.config_map:
         container["envFrom"] = [{"configMapRef": {"name": cfg.config_map}}]
-    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}
+    ]
     if cfg.checkpoint_claim:
         container["volumeMounts"].append({"name": "ncp-home", "mountPath": cfg.home})
         volumes.append({"name": "ncp-home", "persistentVolumeClaim": {"claimName": cfg.checkpoint_claim}})
+    security: dict[str, Any] = {"fsGroup": POD_FS_GROUP}
+    if cfg.supplemental_groups:
+        security["supplementalGroups"] = list(cfg.supplemental_groups)
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -209,6 +235,7 @@ def render_multinode_manifests(cfg: MultinodeConfig) -> list[dict[str, Any]]:
                 "spec": {
                     "subdomain": cfg.service_name,
                     "restartPolicy": "Never",
+                    "securityContext": security,
                     "containers": [container],
                     "volumes": volumes,
                 },
@@ -239,11 +266,15 @@ class KubeClient:
     def __init__(self, settings: Settings, *, sa_dir: Path = SA_DIR, timeout: float = 30.0):
         token_file, ca_file = sa_dir / "token", sa_dir / "ca.crt"
         if not token_file.is_file():
-            raise FileNotFoundError(f"no service-account token at {token_file}: not running in a Kubernetes pod")
+            raise FileNotFoundError(
+                f"no service-account token at {token_file}: not running in a Kubernetes pod"
+            )
         headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         verify: bool | str = str(ca_file) if ca_file.is_file() else True
         self.namespace = settings.k8s_namespace or _read(sa_dir / "namespace") or "default"
-        self.http = httpx.Client(base_url=settings.k8s_api_url, headers=headers, verify=verify, timeout=timeout)
+        self.http = httpx.Client(
+            base_url=settings.k8s_api_url, headers=headers, verify=verify, timeout=timeout
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -316,7 +347,10 @@ def launch_multinode(
     `reason`); "unavailable": no cluster or no image configured; "exists": already launched.
     """
     if not settings.k8s_train_image:
-        return {"status": "unavailable", "reason": "multi-node training needs NCP_K8S_TRAIN_IMAGE (Kubernetes only)"}
+        return {
+            "status": "unavailable",
+            "reason": "multi-node training needs NCP_K8S_TRAIN_IMAGE (Kubernetes only)",
+        }
     own = client is None
     if client is None:
         try:
@@ -324,13 +358,23 @@ def launch_multinode(
         except FileNotFoundError as e:
             return {"status": "unavailable", "reason": str(e)}
     try:
-        cfg = multinode_config(job_id, spec, settings, mode=mode, config_path=config_path, namespace=client.namespace)
+        cfg = multinode_config(
+            job_id, spec, settings, mode=mode, config_path=config_path, namespace=client.namespace
+        )
         fits = gpu_capacity(client.list_nodes(), cfg.gpu_resource, cfg.nproc_per_node)
-        out = {"job_name": cfg.job_name, "service": cfg.service_name, "namespace": cfg.namespace,
-               "nodes": cfg.nodes, "nproc_per_node": cfg.nproc_per_node, "rdzv_endpoint": cfg.rdzv_endpoint}
+        out = {
+            "job_name": cfg.job_name,
+            "service": cfg.service_name,
+            "namespace": cfg.namespace,
+            "nodes": cfg.nodes,
+            "nproc_per_node": cfg.nproc_per_node,
+            "rdzv_endpoint": cfg.rdzv_endpoint,
+        }
         if fits < cfg.nodes:
-            reason = (f"needs {cfg.nodes} nodes x {cfg.nproc_per_node} {cfg.gpu_resource}; the cluster's "
-                      f"schedulable nodes can hold {fits} such pod(s)")
+            reason = (
+                f"needs {cfg.nodes} nodes x {cfg.nproc_per_node} {cfg.gpu_resource}; the cluster's "
+                f"schedulable nodes can hold {fits} such pod(s)"
+            )
             return {"status": "queued", "reason": reason, **out}
         service, job = render_multinode_manifests(cfg)
         client.create(service)
