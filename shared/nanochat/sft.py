@@ -72,6 +72,7 @@ class SFTConfig:
     log_every: int = 1
     resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
     device: str = "auto"
+    compile: bool | None = None  # torch.compile the training forward; None = on GPU only
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -111,6 +112,10 @@ class SFTConfig:
             raise ValueError(f"final_lr_frac: must be in [0, 1], got {self.final_lr_frac}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.device not in ("auto", "cuda", "rocm", "mps", "cpu"):
+            raise ValueError(f"device: must be auto/cuda/rocm/mps/cpu, got {self.device!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be true, false or null, got {self.compile!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
 
@@ -264,6 +269,9 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
         cfg, tokenizer, dinfo, choose_dtype(dev.type)
     )
     model_config = model.config
+    # rows are always (B, T): one static-shape graph; eval and checkpoints use the plain module
+    use_compile = dev.type == "cuda" if cfg.compile is None else cfg.compile
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
     seq_len = cfg.max_seq_len or model_config.sequence_len
     mixture = build_mixture(
         cfg.mixture,
@@ -359,7 +367,7 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
         step_nats, step_targets = 0.0, 0
         for _ in range(cfg.grad_accum_steps):
             x, y, state = next(batches)
-            loss, n_targets = masked_loss(model, x.to(device), y.to(device))
+            loss, n_targets = masked_loss(train_model, x.to(device), y.to(device))
             if n_targets:
                 (loss / cfg.grad_accum_steps).backward()
                 step_nats += loss.item() * n_targets
