@@ -17,7 +17,7 @@ from services.worker.celery_app import app_for_broker, task_name
 from services.worker.pipeline import first_unfinished_stage
 from shared.db import registry
 from shared.db.session import make_engine, make_session_factory, session_scope
-from shared.jobs.queues import queue_for_stage
+from shared.jobs.queues import QUEUES, queue_for_stage
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -57,3 +57,25 @@ def enqueue_job(job_id: str, settings: Settings | None = None) -> str | None:
                            stage=stage)
     enqueue_stage(job_id, stage, settings)
     return stage
+
+
+def waiting_messages(settings: Settings | None = None) -> bytes | None:
+    """The raw messages waiting in our queues, when the broker lets us look (Redis); else None.
+
+    The reconciler uses it to tell a job whose message is merely waiting behind other work from
+    one whose message was lost, so a long queue does not fill up with re-sent duplicates.
+    """
+    settings = settings or get_settings()
+    url = settings.broker_url or ""
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        # kombu's Redis transport keeps each queue as a list named after it (JSON per message,
+        # the task's arguments, i.e. the job id, readable in its headers).
+        items = [item for q in QUEUES for item in client.lrange(q, 0, -1)]  # type: ignore[union-attr]
+        return b"\n".join(i if isinstance(i, bytes) else str(i).encode() for i in items)
+    finally:
+        client.close()

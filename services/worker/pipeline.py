@@ -139,12 +139,11 @@ def run_stage(
             return "out_of_order"
         upcoming = first_unfinished_stage(s, job_id)
         if upcoming != stage:
-            if stage in _done_stages(job):
-                # Redelivery of a finished stage: make sure the pipeline moved on (the worker may
-                # have died between finishing and enqueueing) — the duplicate is dropped later.
-                _kick(s, job_id, upcoming, enqueue)
-                return "duplicate"
-            return "out_of_order"
+            # A redelivered or duplicated message of a finished stage, or one that came too early.
+            # Dropped without sending anything: re-sending from here would multiply duplicates down
+            # the pipeline; a pipeline that stalled (worker died between finishing a stage and
+            # sending the next) is the reconciler's to restart.
+            return "duplicate" if stage in _done_stages(job) else "out_of_order"
         if not registry.acquire_lease(s, job_id, worker_id, settings.lease_seconds):
             return "leased"
         job = registry.get_job(s, job_id)

@@ -11,8 +11,9 @@ cancelling with no live lease and no activity for a while (`grace`), and
   persistence, a crash between two stages) is enqueued again without counting an attempt.
 
 Duplicates this may create are harmless: a stage runs only under the job's lease and only while
-it is the job's first unfinished stage. `grace` (one lease TTL by default) keeps a job whose
-message is merely waiting in a queue from being re-sent on every pass.
+it is the job's first unfinished stage. To keep them few, a job is left alone while its message
+is visibly waiting in the broker (Redis), and `grace` (one lease TTL) must pass since the job's
+last activity before it counts as lost.
 """
 
 from __future__ import annotations
@@ -69,14 +70,19 @@ def reconcile_once(
     cfg: ReconcileConfig,
     enqueue_job: Callable[[str], str | None],
     now: dt.datetime | None = None,
+    waiting: Callable[[], bytes | None] | None = None,
 ) -> list[Action]:
-    """One pass; returns what it did."""
+    """One pass; returns what it did. `waiting` returns the broker's waiting messages when it can
+    (None = unknown): a job whose id is among them is still on its way and is left alone."""
     now = now or utcnow()
     with session_scope(sessions) as s:
         stuck = [j.id for j in registry.jobs_needing_reconcile(
             s, now, grace_seconds=cfg.grace_seconds, statuses=("queued", "running", "cancelling"))]
+    queued = waiting() if (waiting is not None and stuck) else None
     actions = []
     for job_id in stuck:
+        if queued is not None and job_id.encode() in queued:
+            continue
         try:
             actions.append(_reconcile_job(sessions, cfg, enqueue_job, job_id, now))
         except Exception as e:  # one bad job must not stop the others from being reconciled
@@ -126,11 +132,12 @@ def run_forever(
     enqueue_job: Callable[[str], str | None],
     stop: threading.Event,
     on_pass: Callable[[list[Action]], None] | None = None,
+    waiting: Callable[[], bytes | None] | None = None,
 ) -> None:
     """Reconcile every `interval_seconds` until `stop` is set; registry outages are logged and retried."""
     while not stop.is_set():
         try:
-            actions = reconcile_once(sessions, cfg, enqueue_job)
+            actions = reconcile_once(sessions, cfg, enqueue_job, waiting=waiting)
             if on_pass is not None:
                 on_pass(actions)
         except Exception:

@@ -41,9 +41,9 @@ def test_stage_runs_once_and_hands_over(sessions, submit, make_spec):
     with session_scope(sessions) as s:
         assert registry.get_lease(s, job_id) is None
 
-    # A redelivered "data" message: dropped as a duplicate, the pending next stage is sent again.
+    # A redelivered "data" message: dropped as a duplicate, nothing more is sent.
     out, sent = _run(sessions, job_id, "data", worker="w2")
-    assert out == "duplicate" and sent == [(job_id, "tokenizer")]
+    assert out == "duplicate" and sent == []
     # A message for a stage whose predecessor has not run is dropped.
     out, sent = _run(sessions, job_id, "report")
     assert out == "out_of_order" and sent == []

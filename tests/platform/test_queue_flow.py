@@ -77,3 +77,22 @@ def test_redis_flushdb_loses_no_job(procs, sessions, submit, make_spec, waiter, 
     assert f"job {job_id} requeued" in procs.log("reconciler")
     with session_scope(sessions) as s:
         assert registry.get_job(s, job_id).attempts == 0
+
+
+def test_reconciler_leaves_jobs_waiting_in_redis_alone(sessions, submit, make_spec, redis_db):
+    from services.worker.dispatch import enqueue_job, waiting_messages
+    from services.worker.reconciler import ReconcileConfig, reconcile_once
+
+    cfg = ReconcileConfig(max_attempts=3, grace_seconds=0, interval_seconds=1)
+    job_id = submit(make_spec(stages=["data"]))  # no worker: the message waits in Redis
+
+    def actions():
+        done = reconcile_once(sessions, cfg, enqueue_job, waiting=waiting_messages)
+        return [a.action for a in done if a.job_id == job_id]
+
+    assert actions() == []  # still on its way: not re-sent
+    assert redis_db.llen("data") == 1
+    redis_db.flushdb()
+    assert actions() == ["requeued"]  # lost: sent again, exactly once
+    assert redis_db.llen("data") == 1
+    assert actions() == []

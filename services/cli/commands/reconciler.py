@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.worker.dispatch import enqueue_job, sessions_for
+    from services.worker.dispatch import enqueue_job, sessions_for, waiting_messages
     from services.worker.reconciler import ReconcileConfig, reconcile_once, run_forever
     from shared.settings import get_settings
 
@@ -36,12 +36,12 @@ def run(args: argparse.Namespace) -> int:
                   + (f": {a.detail}" if a.detail else ""), flush=True)
 
     if args.once:
-        report(reconcile_once(sessions, cfg, enqueue))
+        report(reconcile_once(sessions, cfg, enqueue, waiting=lambda: waiting_messages(settings)))
         return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(f"ncp reconciler: every {cfg.interval_seconds:g}s, grace {cfg.grace_seconds:g}s, "
           f"max attempts {cfg.max_attempts}", flush=True)
-    run_forever(sessions, cfg, enqueue, stop, on_pass=report)
+    run_forever(sessions, cfg, enqueue, stop, on_pass=report, waiting=lambda: waiting_messages(settings))
     return 0
