@@ -263,6 +263,10 @@ class GPT(nn.Module):
             )
             for w in self.windows
         ]
+        if device.type == "cuda" and (t != self.config.sequence_len or not masks):
+            # Compiled flex specialises on T: other lengths (eval, prompts) and KV-cache steps
+            # would recompile per shape, so they take SDPA, which is just as exact.
+            backends = ["sdpa" if be == "flex" else be for be in backends]
         flex_windows = [w for w, be in zip(self.windows, backends, strict=True) if be == "flex"]
         block_masks = sliding_block_masks(t, flex_windows, device) if masks and flex_windows else {}
         setup = (backends, block_masks)
