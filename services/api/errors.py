@@ -18,12 +18,19 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.api.schemas import ErrorBody
 from shared.db.registry import IdempotencyConflict, IllegalTransition, JobNotFound
 
 log = logging.getLogger(__name__)
 
 # Leading request-location parts that say where a value came from, not which field it is.
 _LOC_PREFIXES = {"body", "query", "path", "header"}
+
+
+# The error responses every resource route can give, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 422, 503)
+}
 
 
 class ApiError(Exception):

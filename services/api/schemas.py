@@ -178,6 +178,18 @@ class EvalResultsPublic(BaseModel):
     count: int
 
 
+class ArtifactPublic(BaseModel):
+    name: str
+    path: str
+    kind: str
+    created_at: dt.datetime
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[ArtifactPublic]
+    count: int
+
+
 class LogsPublic(BaseModel):
     job_id: str
     logs: dict[str, str] = Field(description="Log file name -> its last lines")

@@ -147,6 +147,10 @@ def test_status_shows_progress_checkpoint_and_errors(client, demo):
     cks = client.get(f"/jobs/{jid}/checkpoints").json()
     assert cks["count"] == 1 and cks["data"][0]["path"] == "/ck/d2"
     assert client.get(f"/jobs/{jid}/evals").json()["data"][0]["value"] == 0.01
+    with client.app.state.session_factory() as s:
+        r.record_artifact(s, jid, "tokenizer", "/runs/x/tokenizer", "tokenizer")
+    arts = client.get(f"/jobs/{jid}/artifacts").json()
+    assert arts["count"] == 1 and arts["data"][0]["path"] == "/runs/x/tokenizer"
 
     with client.app.state.session_factory() as s:
         r.fail_stage(s, jid, "pretrain", "NaN loss", error_code="nan_loss")

@@ -16,9 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette.sse import EventSourceResponse
 
 from services.api.deps import AuthDep, SessionDep, SettingsDep
+from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError
-from services.api.routers.jobs import _ERRORS
 from services.api.schemas import (
+    ArtifactPublic,
+    ArtifactsPublic,
     CheckpointPublic,
     CheckpointsPublic,
     EvalResultPublic,
@@ -131,12 +133,12 @@ def job_evals(
     return EvalResultsPublic(data=rows, count=len(rows))
 
 
-@router.get("/artifacts", responses=_ERRORS, summary="Named outputs of the job")
-def job_artifacts(job_id: str, session: SessionDep, _auth: AuthDep) -> dict[str, Any]:
+@router.get("/artifacts", response_model=ArtifactsPublic, responses=_ERRORS, summary="Named outputs of the job")
+def job_artifacts(job_id: str, session: SessionDep, _auth: AuthDep) -> ArtifactsPublic:
     registry.get_job(session, job_id)
-    arts = registry.list_artifacts(session, job_id)
-    return {"data": [{"name": a.name, "path": a.path, "kind": a.kind, "created_at": a.created_at} for a in arts],
-            "count": len(arts)}
+    arts = [ArtifactPublic(name=a.name, path=a.path, kind=a.kind, created_at=a.created_at)
+            for a in registry.list_artifacts(session, job_id)]
+    return ArtifactsPublic(data=arts, count=len(arts))
 
 
 # --- files under the run folder ------------------------------------------------------------------

@@ -6,12 +6,12 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request
-from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.api.deps import AuthDep, SessionDep, SettingsDep
+from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError
-from services.api.schemas import ErrorBody, JobPublic, JobsPublic
+from services.api.schemas import JobPublic, JobsPublic
 from shared.db import registry
 from shared.db.session import session_scope
 from shared.jobs.spec import JobCreate
@@ -21,10 +21,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
-    422: {"model": ErrorBody}, 503: {"model": ErrorBody},
-}
 
 
 def enqueue(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> bool:
@@ -64,10 +60,9 @@ def submit_job(
     body: Annotated[dict[str, Any], Body()],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobPublic:
-    try:
-        spec = JobCreate.model_validate(body, context={"roots": [settings.home, *settings.data_roots]})
-    except ValidationError as e:
-        raise e from None  # errors.install maps it to 422 naming the field
+    # Validated here rather than by FastAPI so the configured data roots reach the path checks;
+    # a ValidationError becomes a 422 naming the field (services/api/errors.py).
+    spec = JobCreate.model_validate(body, context={"roots": [settings.home, *settings.data_roots]})
     job, created = registry.create_or_get_job(session, spec, idempotency_key)
     if created:
         enqueue(job.id, settings, request.app.state.session_factory)

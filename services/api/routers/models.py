@@ -9,7 +9,7 @@ import httpx
 from fastapi import APIRouter
 
 from services.api.deps import AuthDep, SettingsDep
-from services.api.routers.jobs import _ERRORS
+from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.schemas import ServedModels
 
 router = APIRouter(prefix="/models", tags=["models"])
