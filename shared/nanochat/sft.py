@@ -287,7 +287,10 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if len(train_convs) < world:
         raise ValueError(f"mixture: {len(train_convs)} training conversations for {world} ranks")
     loop = meta.get("loop_state", {}) if resume_step is not None else {}
-    state = PackerState(**loop["packer"]) if "packer" in loop else PackerState(cursor=rank)
+    state = PackerState(cursor=rank)
+    if "packer" in loop:  # saved by rank 0; the other ranks read the conversations after it
+        state = PackerState(**loop["packer"])
+        state.cursor = (state.cursor + rank) % len(train_convs)
     batches = packed_batches(
         tokenizer, train_convs, cfg.device_batch_size, seq_len, rank=rank, world_size=world, state=state
     )
