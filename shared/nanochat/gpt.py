@@ -244,7 +244,7 @@ class GPT(nn.Module):
         training-shape input; for logs and reports."""
         device = torch.device(device) if device is not None else self.get_device()
         dtype = dtype or self.compute_dtype or self.wte.weight.dtype
-        return list(self._attention_setup(self.config.sequence_len, device, dtype, False)[0])
+        return list(self._attention_setup(self.config.sequence_len, device, dtype, True)[0])
 
     def _attention_setup(self, t: int, device: torch.device, dtype: torch.dtype, masks: bool):
         """(per-layer backend names, {window: FlexAttention BlockMask}) for this T/device/dtype.
