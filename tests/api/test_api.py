@@ -37,7 +37,9 @@ def submit(client, spec, key=None):
 
 
 def test_submit_and_idempotency(client, demo):
-    job = submit(client, demo, key="abc")
+    resp = client.post("/jobs", json=demo, headers={"Idempotency-Key": "abc"})
+    assert resp.status_code == 202 and resp.headers["location"] == f"/jobs/{resp.json()['id']}"
+    job = resp.json()
     assert job["status"] == "queued" and job["kind"] == "pipeline" and job["name"] == "demo"
     assert [s["name"] for s in job["stages"]] == demo["stages"]
     assert all(s["status"] == "pending" for s in job["stages"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.api.deps import AuthDep, SessionDep, SettingsDep
@@ -56,7 +56,7 @@ def _public(session: Any, job: Any) -> JobPublic:
     "The body is a JobSpec (see components.schemas.JobSpec).",
 )
 def submit_job(
-    request: Request, session: SessionDep, settings: SettingsDep, _auth: AuthDep,
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, _auth: AuthDep,
     body: Annotated[dict[str, Any], Body()],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobPublic:
@@ -67,6 +67,7 @@ def submit_job(
     if created:
         enqueue(job.id, settings, request.app.state.session_factory)
         job = registry.get_job(session, job.id)
+    response.headers["Location"] = f"/jobs/{job.id}"
     return _public(session, job)
 
 
