@@ -334,6 +334,9 @@ class OptimizerConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
+_SMEAR_ORDER = ("smear_gate.weight", "smear_lambda", "backout_lambda")
+
+
 def _classify(name: str) -> str:
     if name.startswith("transformer.h."):
         return "muon"
@@ -355,9 +358,13 @@ def build_param_groups(
 ) -> list[dict]:
     """The reference grouping. `lr_scale` is the batch-size LR correction (sqrt(B / 2**19)),
     `weight_decay` the already-scaled Muon weight decay (defaults to cfg.weight_decay)."""
-    buckets: dict[str, list[nn.Parameter]] = {}
+    named: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():
-        buckets.setdefault(_classify(name), []).append(p)
+        named.setdefault(_classify(name), []).append((name, p))
+    # Same parameter order as the reference inside every group, so a reference optimizer shard
+    # (state keyed by position) loads onto the right tensors.
+    named.get("smear", []).sort(key=lambda np_: _SMEAR_ORDER.index(np_[0]))
+    buckets = {k: [p for _, p in v] for k, v in named.items()}
     n_embd = int(getattr(model, "config").n_embd)  # noqa: B009 - any module with a GPTConfig
     # AdamW LRs were tuned at width 768 and scale as 1/sqrt(width); scalars are not scaled.
     dim_scale = (n_embd / 768) ** -0.5

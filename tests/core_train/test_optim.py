@@ -292,3 +292,57 @@ def test_distributed_matches_single_process(tmp_path):
     for p, d, s in zip(params, dist_params, start, strict=True):
         torch.testing.assert_close(d, p.detach(), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(d, s.detach())  # something actually moved
+
+
+def test_param_groups_match_reference_order_and_lrs():
+    from shared.nanochat.config import GPTConfig
+    from shared.nanochat.gpt import GPT
+    from shared.nanochat.optim import build_param_groups
+
+    cfg = GPTConfig(
+        sequence_len=32, vocab_size=300, n_layer=3, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L"
+    )
+    with torch.device("meta"):
+        model = GPT(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = build_param_groups(model, OptimizerConfig(), lr_scale=0.5, weight_decay=0.1)
+    got = [(g["name"], [names[id(p)] for p in g["params"]]) for g in groups]
+    scale = (128 / 768) ** -0.5
+    blocks = [
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(3)
+        for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "attn.ve_gate", "mlp.c_fc", "mlp.c_proj")
+    ]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    blocks = [b for b in blocks if b in shapes]  # ve_gate only on value-embedding layers
+    expected_muon = [
+        (f"muon_{s[0]}x{s[1]}", [b for b in blocks if shapes[b] == s])
+        for s in sorted({shapes[b] for b in blocks})
+    ]
+    assert got == [
+        ("lm_head", ["lm_head.weight"]),
+        ("wte", ["transformer.wte.weight"]),
+        ("value_embeds", ["value_embeds.0.weight", "value_embeds.2.weight"]),
+        ("resid_lambdas", ["resid_lambdas"]),
+        ("x0_lambdas", ["x0_lambdas"]),
+        ("smear", ["smear_gate.weight", "smear_lambda", "backout_lambda"]),
+        *expected_muon,
+    ]
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr["lm_head"] == pytest.approx(0.008 * 0.5 * scale)
+    assert lr["wte"] == pytest.approx(0.3 * 0.5 * scale)
+    assert lr["value_embeds"] == pytest.approx(0.15 * 0.5 * scale)
+    assert lr["resid_lambdas"] == pytest.approx(0.005 * 0.5)
+    assert lr["x0_lambdas"] == pytest.approx(0.5 * 0.5)
+    assert lr["smear"] == pytest.approx(0.2)
+    muon = [g for g in groups if g["kind"] == "muon"]
+    assert all(g["lr"] == pytest.approx(0.01) and g["weight_decay"] == 0.1 for g in muon)
+    betas = {g["name"]: g["betas"] for g in groups if g["kind"] == "adamw"}
+    assert betas == {
+        "lm_head": (0.8, 0.96),
+        "wte": (0.8, 0.995),
+        "value_embeds": (0.8, 0.995),
+        "resid_lambdas": (0.8, 0.95),
+        "x0_lambdas": (0.96, 0.95),
+        "smear": (0.8, 0.95),
+    }
