@@ -183,3 +183,30 @@ def test_compiled_model_has_no_graph_breaks(make_model):
         with torch.no_grad():
             explained = torch._dynamo.explain(model)(idx)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.gpu
+def test_gpu_model_training_step_matches_across_backends():
+    """Loss and gradients of a bf16 model with auto-selected kernels (FA3 / flash / compiled flex)
+    match the same model on plain SDPA."""
+    dev = _gpu_device()
+    from shared.nanochat.config import GPTConfig
+    from shared.nanochat.gpt import GPT
+
+    cfg = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
+    grads = {}
+    for backend in ("sdpa", "auto"):
+        torch.manual_seed(0)
+        model = GPT(cfg, attn_backend=backend, compute_dtype=torch.bfloat16).to(dev)
+        model.init_weights()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    p.normal_(0.0, 0.02)
+        idx = torch.randint(0, 512, (2, 1024), generator=torch.Generator().manual_seed(1)).to(dev)
+        loss = model(idx, idx)
+        loss.backward()
+        grads[backend] = (loss.item(), model.blocks[0].attn.c_q.weight.grad.float().clone())
+    assert abs(grads["auto"][0] - grads["sdpa"][0]) < 1e-2
+    rel = (grads["auto"][1] - grads["sdpa"][1]).norm() / grads["sdpa"][1].norm()
+    assert rel < 5e-2
