@@ -216,12 +216,22 @@ def _apply_status(job: Job, status: str, now: dt.datetime) -> None:
         raise ValueError(f"status {status!r} is not one of {JOB_STATUSES}")
     if status != job.status and status not in TRANSITIONS[job.status]:
         raise IllegalTransition(job.id, job.status, status)
+    reopening = job.status in TERMINAL_STATUSES and status not in TERMINAL_STATUSES
     job.status = status
     if status == "running" and job.started_at is None:
         job.started_at = now
     if status in TERMINAL_STATUSES and job.finished_at is None:
         job.finished_at = now
         job.eta_seconds = None
+    if reopening:
+        # A finished job queued again (resume, or an operator's set_job_status) starts clean:
+        # no end time, no stale error or cancel flag, and every unfinished stage pending again.
+        job.finished_at = None
+        job.error_code = job.error_message = None
+        job.cancel_requested = False
+        for st in job.stages:
+            if st.status != "succeeded":
+                st.status, st.started_at, st.finished_at, st.error = "pending", None, None, None
 
 
 def set_job_status(
@@ -328,14 +338,8 @@ def resume_job(session: Session, job_id: str) -> Job:
         session.rollback()
         raise IllegalTransition(job_id, job.status, "queued", "only cancelled or failed jobs can resume")
     previous = job.status
-    _apply_status(job, "queued", utcnow())
-    job.finished_at = None
-    job.error_code = job.error_message = None
-    job.cancel_requested = False
-    job.attempts = 0
-    for st in job.stages:
-        if st.status != "succeeded":
-            st.status, st.started_at, st.finished_at, st.error = "pending", None, None, None
+    _apply_status(job, "queued", utcnow())  # reopens: clears the end time, error, cancel flag, stages
+    job.attempts = 0  # a resumed job gets a fresh set of attempts from the reconciler
     append_event(session, job_id, "status", f"{previous} -> queued: resumed", data={"from": previous, "to": "queued"})
     session.commit()
     return job

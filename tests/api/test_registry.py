@@ -272,3 +272,55 @@ def test_concurrent_checkpoint_and_artifact_upserts_keep_one_row(db_url, session
             r.record_checkpoint(s, "missing", "pretrain", 1, "/x")
         with pytest.raises(r.JobNotFound):
             r.record_artifact(s, "missing", "a", "/x", "export")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_random_operation_sequences_keep_job_invariants(sessions):
+    """Whatever order workers, the API and the reconciler act in, a job's row stays coherent."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from shared.db.models import JOB_STATUSES, TERMINAL_STATUSES
+
+    ops = st.lists(st.one_of(
+        st.tuples(st.just("status"), st.sampled_from(JOB_STATUSES)),
+        st.tuples(st.just("cancel"), st.none()),
+        st.tuples(st.just("resume"), st.none()),
+        st.tuples(st.just("stage"), st.sampled_from(["data", "pretrain"])),
+        st.tuples(st.just("lease"), st.booleans()),
+    ), max_size=12)
+
+    @settings(max_examples=30, deadline=None)
+    @given(ops)
+    def run(seq):
+        with sessions() as s:
+            jid = r.create_job(s, demo_spec()).id
+            for op, arg in seq:
+                before = r.get_job(s, jid).status
+                try:
+                    if op == "status":
+                        r.set_job_status(s, jid, arg)
+                    elif op == "cancel":
+                        r.request_cancel(s, jid)
+                    elif op == "resume":
+                        r.resume_job(s, jid)
+                    elif op == "stage":
+                        r.start_stage(s, jid, arg)
+                    elif arg:
+                        r.acquire_lease(s, jid, "w", 60)
+                    else:
+                        r.release_lease(s, jid, "w")
+                except r.IllegalTransition:
+                    assert r.get_job(s, jid).status == before  # a refusal changes nothing
+                    continue
+                job = r.get_job(s, jid)
+                assert job.status in JOB_STATUSES
+                assert (job.finished_at is not None) == (job.status in TERMINAL_STATUSES)
+                if job.status in TERMINAL_STATUSES:
+                    assert not any(st_.status in ("pending", "running") for st_ in job.stages)
+                if job.status in ("running", "cancelling"):
+                    assert job.started_at is not None or op != "stage"
+            seqs = [e.seq for e in r.list_events(s, jid, limit=1000)]
+            assert seqs == list(range(1, len(seqs) + 1))
+
+    run()
