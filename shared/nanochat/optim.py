@@ -186,8 +186,11 @@ class MuonAdamW(torch.optim.Optimizer):
         self._muon = compile_fn(muon_update)
 
     @staticmethod
-    def _scalar(value: float) -> Tensor:
-        return torch.tensor(float(value), dtype=torch.float32)
+    def _scalars(device: torch.device, *values: float) -> tuple[Tensor, ...]:
+        # One small copy per call, on the parameters' device: 0-D tensors (not Python floats) so
+        # a compiled kernel does not recompile as schedules move, and no CPU/GPU device mixing
+        # inside eager-mode ops like lerp_.
+        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).unbind(0)
 
     # Phase 1: launch gradient reductions --------------------------------------------------
     def _reduce_adamw(self, group: dict, world: int) -> list[dict]:
@@ -238,12 +241,15 @@ class MuonAdamW(torch.optim.Optimizer):
                 info["grad"],
                 state["exp_avg"],
                 state["exp_avg_sq"],
-                self._scalar(state["step"]),
-                self._scalar(group["lr"]),
-                self._scalar(group["betas"][0]),
-                self._scalar(group["betas"][1]),
-                self._scalar(group["eps"]),
-                self._scalar(group["weight_decay"]),
+                *self._scalars(
+                    p.device,
+                    state["step"],
+                    group["lr"],
+                    group["betas"][0],
+                    group["betas"][1],
+                    group["eps"],
+                    group["weight_decay"],
+                ),
             )
             if info["sharded"]:
                 gathers.append(dict(work=_all_gather(p, p_view, async_op=True), params=None))
@@ -270,10 +276,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 stacked,
                 state["momentum_buffer"][:owned],
                 state["second_momentum_buffer"][:owned],
-                self._scalar(group["momentum"]),
-                self._scalar(group["lr"] * max(1.0, rows / cols) ** 0.5),
-                self._scalar(group["weight_decay"]),
-                self._scalar(group["beta2"]),
+                *self._scalars(
+                    p0.device,
+                    group["momentum"],
+                    group["lr"] * max(1.0, rows / cols) ** 0.5,
+                    group["weight_decay"],
+                    group["beta2"],
+                ),
                 group["ns_steps"],
                 self.ortho_dtype,
             )
