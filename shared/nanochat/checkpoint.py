@@ -33,6 +33,8 @@ META_FILE = "meta_{step:06d}.json"
 OPTIM_FILE = "optim_{step:06d}_rank{rank}.pt"
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _ANY_RE = re.compile(r"^(?:model|meta|optim)_(\d{6,})(?:_rank\d+)?\.(?:pt|json)$")
+# Temp files of an interrupted write (see _atomic_write).
+_TMP_RE = re.compile(r"^\.(?:model|meta|optim)_(\d{6,})(?:_rank\d+)?\.(?:pt|json)\.tmp-\d+$")
 FORMAT = "ncp-checkpoint-1"
 # torch.compile wraps modules; their state-dict keys gain this prefix.
 COMPILE_PREFIX = "_orig_mod."
@@ -387,6 +389,10 @@ def apply_retention(ckpt_dir, keep_last: int, milestone_every: int = 0) -> list[
     removed = [i.step for i in infos if i.step not in keep and (i.complete or i.step < newest)]
     for step in removed:
         _remove_step(d, step)
+    for f in d.iterdir():  # temp files of writes killed before their rename
+        m = _TMP_RE.match(f.name)
+        if m and int(m.group(1)) < newest:
+            f.unlink()
     if removed:
         _fsync_dir(d)
     return removed

@@ -181,6 +181,7 @@ def test_killed_mid_save_leaves_previous_checkpoint_usable(tmp_path):
     rebuilt, _ = build_model(d)
     assert rebuilt.config == model.config
     # Leftover debris of the failed save is cleaned by retention once a newer save completes.
+    (d / ".model_000002.pt.tmp-999999").write_bytes(b"partial")
     save(d, 3, model)
     removed = apply_retention(d, keep_last=1)
     assert removed == [1, 2]
