@@ -185,7 +185,7 @@ def test_killed_mid_save_leaves_previous_checkpoint_usable(tmp_path):
     save(d, 3, model)
     removed = apply_retention(d, keep_last=1)
     assert removed == [1, 2]
-    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == [
+    assert sorted(p.name for p in d.iterdir()) == [
         "meta_000003.json",
         "model_000003.pt",
     ]
