@@ -11,6 +11,7 @@ Hooks and result are the pretraining ones (train.TrainHooks / TrainResult).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from shared.nanochat.checkpoint import (
+    META_FILE,
     OPTIM_FILE,
     check_state_matches,
     latest_step,
@@ -230,8 +232,16 @@ def _load_start(cfg: SFTConfig, tokenizer: Tokenizer, dinfo: DistInfo, dtype: to
         src_step = latest_step(src_dir)
         if src_step is None:
             raise FileNotFoundError(f"base_checkpoint_dir: no complete checkpoint in {src_dir}")
-    # a base checkpoint without optimizer state (e.g. an imported one) trains from fresh momenta
-    with_optim = cfg.load_optimizer and (src_dir / OPTIM_FILE.format(step=src_step, rank=dinfo.rank)).exists()
+    # Momenta are sharded per rank, so they load only onto the same number of ranks; otherwise (or
+    # with no optimizer state, e.g. an imported checkpoint) every rank starts from fresh momenta.
+    saved_world = json.loads((src_dir / META_FILE.format(step=src_step)).read_text()).get("world_size", 1)
+    with_optim = (
+        cfg.load_optimizer
+        and saved_world == dinfo.world_size
+        and all(
+            (src_dir / OPTIM_FILE.format(step=src_step, rank=r)).exists() for r in range(dinfo.world_size)
+        )
+    )
     model_state, optim_state, meta = load_checkpoint(
         src_dir, src_step, device=dinfo.device, load_optimizer=with_optim, rank=dinfo.rank
     )

@@ -135,3 +135,40 @@ def test_base_momenta_load_with_fresh_lrs(trained_base, tmp_path):
         for name, v in st.items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(loaded[k][name], v), (k, name)
+
+
+def test_sft_two_ranks_gloo(trained_base, tmp_path):
+    """Two CPU ranks under torchrun: shared stop/epoch flags, sharded optimizer, one checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _cfg(trained_base, tmp_path, num_iterations=-1, device_batch_size=2, max_seq_len=64)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "run.py").write_text(
+        "import json, os, sys\n"
+        "from shared.nanochat.sft import SFTConfig, sft\n"
+        "from shared.nanochat.device import cleanup_distributed\n"
+        "r = sft(SFTConfig.from_dict(json.load(open(sys.argv[1]))))\n"
+        "out = sys.argv[2] + '/result_' + os.environ['RANK'] + '.json'\n"
+        "json.dump([r.step, r.checkpoint_step, r.stopped], open(out, 'w'))\n"
+        "cleanup_distributed()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(tmp_path / "run.py"), str(tmp_path / "cfg.json"), str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in (0, 1)]
+    assert results[0] == results[1]  # both ranks stop at the same step
+    step, checkpoint_step, stopped = results[0]
+    assert checkpoint_step == step and not stopped
+    out = tmp_path / "chatsft_checkpoints" / "d2"
+    assert latest_step(out) == step > 0
+    assert (out / f"optim_{step:06d}_rank1.pt").exists()
+    _, optim1, meta = load_checkpoint(out, step, load_optimizer=True, rank=1)
+    assert optim1 is not None and meta["loop_state"]["packer"]["consumed"] > 0
+    # the base was saved by one rank: its momenta cannot be split onto two, so both start fresh
+    assert meta["optimizer_loaded"] is False
