@@ -37,14 +37,17 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def model_run(ctx: StageContext) -> RunPaths:
-    """The run folder holding the tokenizer and checkpoints: this job's, or its parent's when this
-    job does not pretrain (an eval or SFT job on an earlier model)."""
-    stages = ctx.spec.get("stages") or []
+def source_run(ctx: StageContext, producer: str) -> RunPaths:
+    """The run folder holding what stage `producer` makes: this job's when it runs that stage (or
+    has no parent), else the parent job's (an eval or SFT job on an earlier job's model)."""
     parent = ctx.spec.get("parent_job_id")
-    if "pretrain" in stages or not parent:
+    if producer in (ctx.spec.get("stages") or []) or not parent:
         return ctx.run
     return run_paths(ctx.settings.runs_dir, parent)
+
+
+def tokenizer_dir(ctx: StageContext) -> Path:
+    return source_run(ctx, "tokenizer").tokenizer
 
 
 def data_dir(ctx: StageContext) -> Path:
@@ -57,19 +60,28 @@ def data_dir(ctx: StageContext) -> Path:
             row = registry.get_stage(s, parent, "data")
             if row is not None and row.outputs and row.outputs.get("data_dir"):
                 return Path(row.outputs["data_dir"])
-    return model_run(ctx).data
+    return source_run(ctx, "data").data
 
 
-def ckpt_tag(ctx: StageContext) -> str:
-    return f"d{ctx.spec['model']['depth']}"
+def ckpt_tag(spec: dict[str, Any]) -> str:
+    return f"d{spec['model']['depth']}"  # the reference layout: base_checkpoints/d12/
+
+
+def _producer_spec(ctx: StageContext, run: RunPaths) -> dict[str, Any]:
+    if run == ctx.run:
+        return ctx.spec
+    with session_scope(ctx.sessions) as s:  # the parent's model shape names its folder
+        return dict(registry.get_job(s, run.root.name).spec)
 
 
 def base_ckpt_dir(ctx: StageContext) -> Path:
-    return model_run(ctx).base_checkpoints(ckpt_tag(ctx))
+    run = source_run(ctx, "pretrain")
+    return run.base_checkpoints(ckpt_tag(_producer_spec(ctx, run)))
 
 
 def sft_ckpt_dir(ctx: StageContext) -> Path:
-    return model_run(ctx).sft_checkpoints(ckpt_tag(ctx))
+    run = source_run(ctx, "sft")
+    return run.sft_checkpoints(ckpt_tag(_producer_spec(ctx, run)))
 
 
 def device(ctx: StageContext) -> str:
@@ -193,12 +205,12 @@ def _take(it: Iterator[str], n: int) -> list[str]:
 
 
 def stage_pretrain(ctx: StageContext) -> dict[str, Any]:
-    return run_pretrain(ctx, data_dir=data_dir(ctx), tokenizer_dir=model_run(ctx).tokenizer,
+    return run_pretrain(ctx, data_dir=data_dir(ctx), tokenizer_dir=tokenizer_dir(ctx),
                         ckpt_dir=base_ckpt_dir(ctx))
 
 
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
-    return run_sft(ctx, tokenizer_dir=model_run(ctx).tokenizer, base_dir=base_ckpt_dir(ctx),
+    return run_sft(ctx, tokenizer_dir=tokenizer_dir(ctx), base_dir=base_ckpt_dir(ctx),
                    out_dir=sft_ckpt_dir(ctx))
 
 
@@ -208,7 +220,7 @@ def stage_base_eval(ctx: StageContext) -> dict[str, Any]:
     ev = ctx.spec.get("eval", {})
     out = ctx.run.eval  # base_eval_<step>.json, where the report looks
     result = run_base_eval(
-        base_ckpt_dir(ctx), None, model_run(ctx).tokenizer, data_dir(ctx), out,
+        base_ckpt_dir(ctx), None, tokenizer_dir(ctx), data_dir(ctx), out,
         bundle_dir=fixture_dir(ctx, "core_fixture", "write_fixture_bundle"),
         max_per_task=ev.get("core_max_per_task"), device=device(ctx),
         bpb_tokens=int(ev.get("tokens") or 1 << 20),
@@ -222,7 +234,7 @@ def stage_chat_eval(ctx: StageContext) -> dict[str, Any]:
     ev = ctx.spec.get("eval", {})
     out = ctx.run.eval  # chat_eval_<step>.json
     result = run_chat_eval(
-        sft_ckpt_dir(ctx), None, model_run(ctx).tokenizer, out,
+        sft_ckpt_dir(ctx), None, tokenizer_dir(ctx), out,
         tasks_dir=fixture_dir(ctx, "chat_fixture", "write_fixture_chat_tasks"),
         max_per_task=ev.get("chat_max_per_task"), device=device(ctx),
     )  # fmt: skip
@@ -260,7 +272,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     ckpt, kind = _best_checkpoint(ctx)
     # fp32 weights when the job trained on CPU: CPU serving is exact and bf16 gains nothing there.
     dtype = "float32" if device(ctx) == "cpu" else "bfloat16"
-    out = export_model(ckpt, None, model_run(ctx).tokenizer, ctx.run.export, served_name=served_name(ctx),
+    out = export_model(ckpt, None, tokenizer_dir(ctx), ctx.run.export, served_name=served_name(ctx),
                        dtype=dtype)
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "export", str(out), "export")

@@ -127,12 +127,18 @@ def _known_fields(module: str, cls: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _nproc(ctx: StageContext) -> int:
+    """Training processes on this node: one per GPU the job asks for, within the worker's GPUs."""
     if ctx.settings.nproc_per_node > 0:
         return ctx.settings.nproc_per_node
     hw = ctx.spec.get("hardware", {})
     if hw.get("device") == "cpu" or not hw.get("gpus"):
         return 1
-    return int(hw["gpus"])
+    wanted = int(hw["gpus"])
+    owned = [g for g in ctx.settings.gpus.split(",") if g.strip()]
+    if owned and wanted > len(owned):
+        raise StageError("insufficient_gpus", f"hardware.gpus={wanted} but this train worker owns "
+                         f"{len(owned)} GPU(s) (NCP_GPUS={ctx.settings.gpus!r})")
+    return wanted
 
 
 def _log_tail(path: Path, chars: int = 1500) -> str:

@@ -132,3 +132,17 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
     assert progress_steps[-1] == 40
     assert f"job {job_id} retried" in procs.log("reconciler")
     assert Path(run_paths(get_settings().runs_dir, job_id).logs / "pretrain.log").read_text().count("launching:") == 2
+
+    # A follow-up eval job on this model (parent_job_id): it reads the parent's run folder and
+    # writes its own results.
+    from shared.jobs.spec import JobSpec
+
+    spec = {"kind": "eval", "parent_job_id": job_id, "eval": {"tokens": 1024, "core_max_per_task": 2},
+            "hardware": {"gpus": 0, "device": "cpu"}}
+    JobSpec.model_validate(spec)
+    child = submit(spec)
+    assert waiter(lambda: _finished(sessions, child), 120, what="eval job") == "succeeded"
+    with session_scope(sessions) as s:
+        ev = registry.get_stage(s, child, "base_eval").outputs
+    assert ev["step"] == 40 and ev["results"]["val_bpb"] > 0
+    assert Path(ev["out_dir"]).is_relative_to(run_paths(get_settings().runs_dir, child).root)
