@@ -58,7 +58,9 @@ def vllm_server(tiny_run, tmp_path_factory):
         NCP_VLLM_DTYPE="float32",
         NCP_VLLM_MAX_MODEL_LEN="256",
         NCP_VLLM_GPU_MEMORY_UTILIZATION="0.3",  # on CPU: that share of RAM
-        NCP_VLLM_EXTRA_ARGS="--enforce-eager --enable-prefix-caching",  # torch.compile on 2 cores is minutes
+        # Not --enforce-eager: the forward must go through vLLM's torch.compile (full graph, the
+        # same capture CUDA graphs need), which proves it has no data-dependent Python control flow.
+        NCP_VLLM_EXTRA_ARGS="--enable-prefix-caching",
         VLLM_CPU_KVCACHE_SPACE="1",
     )
     log = open(home / "serve.log", "wb")
