@@ -153,3 +153,32 @@ def test_entry_under_torchrun_two_cpu_ranks(tiny_config, tmp_path):
     assert meta["world_size"] == 2 and len(meta["dataloader_states"]) == 2
     assert {"optim_000003_rank0.pt", "optim_000003_rank1.pt"} <= set(meta["files"])
     assert meta["plan"]["grad_accum_steps"] == 1
+
+
+def test_entry_sft_mode(tiny_config, tmp_path):
+    base = tiny_config(num_iterations=2, checkpoint_dir=str(tmp_path / "base"))
+    from shared.nanochat.train import train
+
+    train(base)
+    config = tmp_path / "sft.json"
+    config.write_text(
+        json.dumps(
+            {
+                "base_checkpoint_dir": base.checkpoint_dir,
+                "tokenizer_dir": base.tokenizer_dir,
+                "out_dir": str(tmp_path / "sft"),
+                "mixture": "demo",
+                "num_iterations": 2,
+                "device_batch_size": 2,
+                "device": "cpu",
+            }
+        )
+    )
+    proc = subprocess.run(
+        _cmd("sft", config, tmp_path), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _records(tmp_path / "progress.jsonl")
+    assert recs[-1]["type"] == "done" and recs[-1]["mode"] == "sft" and recs[-1]["step"] == 2
+    assert any(r["type"] == "checkpoint" for r in recs)
+    assert latest_step(tmp_path / "sft") == 2
