@@ -241,7 +241,18 @@ def stage_chat_eval(ctx: StageContext) -> dict[str, Any]:
     return _record_eval(ctx, result, out)
 
 
+def _release_accelerator_memory() -> None:
+    # The eval worker outlives the model it just evaluated; hand the GPU memory back so the train
+    # worker sharing the device does not find it held by a cache.
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _record_eval(ctx: StageContext, result: dict[str, Any], out: Path) -> dict[str, Any]:
+    _release_accelerator_memory()
     numbers = _numbers(result)
     step = numbers.pop("step", None)
     with session_scope(ctx.sessions) as s:

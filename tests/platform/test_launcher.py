@@ -114,3 +114,44 @@ def test_command_and_environment(tmp_path):
         LaunchConfig(mode="train", config_path=tmp_path / "c.json", run=run)
     with pytest.raises(ValueError, match="nproc"):
         LaunchConfig(mode="sft", config_path=tmp_path / "c.json", run=run, nproc=0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_stop_together_on_cancel(tmp_path):
+    """The multi-process path (torchrun, gloo on CPU): a cancel stops every rank cooperatively,
+    a checkpoint is saved, and no process of the group is left."""
+    from services.worker.launcher import group_alive
+    from shared.nanochat.corpus import iter_shard_texts, split_shards
+    from shared.nanochat.demo_corpus import write_demo_corpus
+    from shared.nanochat.tokenizer import train_tokenizer
+
+    data = tmp_path / "data"
+    write_demo_corpus(data, num_shards=3, max_bytes=300_000)
+    train_tokenizer(iter_shard_texts(split_shards(data)[0]), vocab_size=512, out_dir=tmp_path / "tok")
+    run = RunPaths(tmp_path / "run")
+    (run.root / "config").mkdir(parents=True)
+    cfg_path = run.root / "config" / "pretrain.json"
+    cfg_path.write_text(json.dumps({
+        "data_dir": str(data), "tokenizer_dir": str(tmp_path / "tok"), "checkpoint_dir": str(run.root / "ckpt"),
+        "depth": 2, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 64, "window_pattern": "L",
+        "num_iterations": 5000, "device_batch_size": 2, "total_batch_size": 256, "warmup_steps": 1,
+        "eval_every": 0, "eval_tokens": 256, "save_every": 0, "device": "cpu", "seed": 1,
+    }))  # fmt: skip
+    cfg = LaunchConfig(mode="pretrain", config_path=cfg_path, run=run, nproc=2, cancel_grace_seconds=30,
+                       poll_seconds=0.2, extra_env={"OMP_NUM_THREADS": "1"})
+    seen: list[dict] = []
+    pgids: list[int] = []
+
+    def cancel() -> bool:
+        if not pgids and cfg.pid_path.exists():
+            pgids.append(int(cfg.pid_path.read_text()))
+        return any(r.get("type") == "progress" and r["step"] >= 2 for r in seen)
+
+    result = run_training(cfg, on_records=seen.extend, should_cancel=cancel, cancel_check_seconds=0.2)
+    assert result.returncode == 0 and result.cancelled and result.escalation is None, \
+        cfg.log_path.read_text()[-3000:]
+    done = [r for r in seen if r["type"] == "done"]
+    assert done and done[0]["stopped"] is True and done[0]["step"] < 5000
+    assert any(r["type"] == "checkpoint" and r["step"] == done[0]["step"] for r in seen)
+    assert pgids and not group_alive(pgids[0])
+    assert "torch.distributed.run" in cfg.log_path.read_text()
