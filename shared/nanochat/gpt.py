@@ -332,7 +332,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
         )
 
     # --- counting --------------------------------------------------------------------------------
