@@ -145,8 +145,12 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
 
         out = ctx.run.data
         base = data.get("base_url") or download.hf_base_url(data["repo"])
-        # The last of the N shards fetched is the validation shard (corpus layout).
-        download.download_shards(download.shard_specs(base, list(range(num_shards or 2))), out)
+        # The highest-numbered shard fetched is the validation shard (corpus layout). For known
+        # datasets that is the dataset's own held-out last shard, as in the reference.
+        val_index = download.KNOWN_VAL_INDEX.get(data.get("repo") or "")
+        n = num_shards or 2
+        indices = download.shard_indices(max(1, n - 1), val_index) if val_index is not None else list(range(n))
+        download.download_shards(download.shard_specs(base, indices), out)
         report = None
     else:
         raise StageError("bad_spec", f"data.source {source!r} is not demo, local or remote")

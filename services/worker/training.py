@@ -102,9 +102,11 @@ def sft_config(spec: dict[str, Any], *, tokenizer_dir: Path, base_dir: Path, out
     if hub:
         cfg["mixture"] = "default"
         cfg["tasks_dir"] = str(resolve_under_roots(hub[0]["path"], roots))
-        for s in hub:
-            if s["kind"] in ("mmlu", "gsm8k"):
-                cfg[f"{s['kind']}_epochs"] = s.get("repeat", 1)
+        # A mixture component the spec does not name gets 0 epochs: SFTConfig's defaults (MMLU x3,
+        # GSM8K x4) would otherwise make SFT look for folders the user never provided.
+        repeats = {s["kind"]: s.get("repeat", 1) for s in hub}
+        for kind in ("smoltalk", "mmlu", "gsm8k"):
+            cfg[f"{kind}_epochs"] = repeats.get(kind, 0)
     else:
         cfg["mixture"] = "demo" if "demo" in kinds else "jsonl"
     return _known_fields("shared.nanochat.sft", "SFTConfig", cfg)
