@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,12 +294,15 @@ class KubeClient:
         _raise(r, f"create {obj['kind']} {obj['metadata']['name']}")
         return True
 
-    def get_job(self, name: str) -> dict[str, Any] | None:
-        r = self.http.get(f"{_collection('Job', self.namespace)}/{name}")
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        r = self.http.get(f"{_collection(kind, self.namespace)}/{name}")
         if r.status_code == 404:
             return None
-        _raise(r, f"get Job {name}")
+        _raise(r, f"get {kind} {name}")
         return r.json()
+
+    def get_job(self, name: str) -> dict[str, Any] | None:
+        return self.get("Job", name)
 
     def delete(self, kind: str, name: str) -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"}
@@ -377,6 +381,9 @@ def launch_multinode(
             )
             return {"status": "queued", "reason": reason, **out}
         service, job = render_multinode_manifests(cfg)
+        if multinode_status(client.get_job(cfg.job_name)) in ("succeeded", "failed"):
+            # A finished Job of an earlier attempt (a resume after failure): start a fresh one.
+            _delete_and_wait(client, cfg.job_name)
         client.create(service)
         created = client.create(job)
         status = "created" if created else "exists"
@@ -384,6 +391,16 @@ def launch_multinode(
     finally:
         if own:
             client.close()
+
+
+def _delete_and_wait(client: KubeClient, name: str, timeout: float = 120.0) -> None:
+    for kind in ("Job", "Service"):
+        client.delete(kind, name)
+    deadline = time.monotonic() + timeout
+    while client.get("Job", name) is not None or client.get("Service", name) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Kubernetes API: Job/Service {name} of an earlier attempt still exists after {timeout:.0f} s")
+        time.sleep(2.0)
 
 
 def multinode_status(job: dict[str, Any] | None) -> str:

@@ -227,6 +227,21 @@ def test_launch_creates_service_and_job_once(tmp_path, sa_dir):
         client.close()
 
 
+def test_a_finished_job_of_an_earlier_attempt_is_replaced(tmp_path, sa_dir):
+    with FakeApi([node(8)] * 4) as api:
+        s = settings_for(api, tmp_path)
+        client = k8s.KubeClient(s, sa_dir=sa_dir)
+        assert k8s.launch_multinode("Job-9", SPEC, s, client=client)["status"] == "created"
+        path = "/apis/batch/v1/namespaces/train-ns/jobs/ncp-train-job-9"
+        api.objects[path]["status"] = {"conditions": [{"type": "Failed", "status": "True"}]}
+        out = k8s.launch_multinode("Job-9", SPEC, s, client=client)
+        assert out["status"] == "created"  # not "exists": the failed Job was deleted and recreated
+        assert k8s.multinode_status(client.get_job("ncp-train-job-9")) == "running"
+        deletes = [r[1] for r in api.requests if r[0] == "DELETE"]
+        assert deletes == [path, "/api/v1/namespaces/train-ns/services/ncp-train-job-9"]
+        client.close()
+
+
 def test_too_few_gpus_stays_queued_with_a_reason(tmp_path, sa_dir):
     with FakeApi([node(8), node(8), node(4)]) as api:
         s = settings_for(api, tmp_path)
