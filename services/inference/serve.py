@@ -184,7 +184,7 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        if self.fixed is None and self.wanted() is None:
+        if self.serving_dir is not None and self.wanted() is None:
             log.info("no model published yet (%s): waiting", self.serving_dir / CURRENT_FILE)
         try:
             while not stopping:

@@ -225,10 +225,12 @@ def create_app(model, tokenizer, served_name: str, *, max_batch: int = 16) -> Fa
             return _run(prompt, params, choice_states)
 
         if not req.stream:
-            texts, reasons = [""] * params.n, [None] * params.n
+            texts: list[str] = [""] * params.n
+            reasons: list[str | None] = [None] * params.n
             async for index, delta, reason in tokens():
                 texts[index] += delta
                 reasons[index] = reason or reasons[index]
+            choices: list[dict[str, Any]]
             if chat:
                 choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
                            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]  # fmt: skip

@@ -196,6 +196,7 @@ class Batcher:
         cache = KVCache.for_model(self.model, 1, n_prompt, dtype=self.dtype)
         ids = torch.tensor([req.prompt], dtype=torch.long, device=self.k.device)
         logits = self.model(ids, kv_cache=cache)[0, -1]
+        assert cache.prev_embedding is not None  # set by every forward with a cache
         seed = req.params.seed
         for i in range(req.params.n):
             slot = self.free.pop()
