@@ -38,7 +38,7 @@ _SKIP_DIRS = {
 
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # Prune while walking: site-packages alone can be far bigger than the stdlib.
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
