@@ -33,5 +33,5 @@ RUN python -m pip install --no-deps /tmp/wheels/*.whl \
 USER 10001
 WORKDIR /home/ncp
 HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 -d celery@$(hostname)"]
+    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 | grep -q \"@$(hostname): OK\""]
 CMD ["ncp", "worker", "--queues", "train"]

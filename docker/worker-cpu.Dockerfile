@@ -32,7 +32,8 @@ RUN pip install --no-deps /tmp/wheels/*.whl \
     && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
 USER 10001
 WORKDIR /home/ncp
-# A worker is healthy when its Celery node answers a ping through the broker.
+# A worker is healthy when its Celery node (named <queues>-<pid>@<hostname> by `ncp worker`)
+# answers a ping through the broker.
 HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 -d celery@$(hostname)"]
+    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 | grep -q \"@$(hostname): OK\""]
 CMD ["ncp", "worker", "--queues", "data"]
