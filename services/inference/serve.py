@@ -127,7 +127,10 @@ class Supervisor:
         except ValueError as e:
             log.error("%s", e)
             return self.current  # keep serving what we have until the file is fixed
-        return None if record is None else {"model": record["model"], "path": record["path"]}
+        if record is None:
+            return None
+        # published_at too: re-exporting into the same folder and publishing again must restart.
+        return {"model": record["model"], "path": record["path"], "published_at": record.get("published_at")}
 
     def start(self, record: dict) -> None:
         check_export(Path(record["path"]))

@@ -108,6 +108,14 @@ def test_supervisor_restarts_on_publish_and_crash(tiny_run, tmp_path):
         _wait(lambda: _models(url) == ["tiny-b"], what="restart on the new model")
 
         (child,) = psutil.Process(sup.pid).children()
+        publish_model(home / "serving", "tiny-b", tiny_run["export_dir"])  # same name and folder, new export
+        _wait(
+            lambda: [c.pid for c in psutil.Process(sup.pid).children()] not in ([], [child.pid]),
+            what="re-publish",
+        )
+        _wait(lambda: _models(url) == ["tiny-b"], what="service back after the re-publish")
+
+        (child,) = psutil.Process(sup.pid).children()
         child.kill()  # the engine crashes
         child.wait(10)
         _wait(
