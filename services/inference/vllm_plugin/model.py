@@ -301,6 +301,9 @@ class NanochatForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if input_ids is None:
+            # Value embeddings and smear are functions of token ids, not of embeddings.
+            raise ValueError("the nanochat model needs token ids; prompt embeddings are not supported")
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
