@@ -5,7 +5,7 @@ vLLM's OpenAI server from .venv-vllm (created by scripts/setup_vllm_venv.sh) on 
 export; requests go through the official `openai` client. Parity: greedy tokens equal our model's
 greedy tokens (fp32 on CPU, dtype float32 in vLLM) for prompts longer than the sliding window,
 issued concurrently (continuous batching) and twice (the second time from the prefix cache);
-prompt logprobs agree within 1e-3.
+prompt logprobs agree within 1e-4.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_greedy_parity_and_prompt_logprobs(vllm_server, ours):
                     lp = torch.log_softmax(model(torch.tensor([prompt]))[0], dim=-1)
                 plp = r.choices[0].model_extra["prompt_logprobs"]
                 for j in range(1, len(prompt)):
-                    assert abs(plp[j][str(prompt[j])]["logprob"] - float(lp[j - 1, prompt[j]])) < 1e-3
+                    assert abs(plp[j][str(prompt[j])]["logprob"] - float(lp[j - 1, prompt[j]])) < 1e-4
     # Later rounds were served from cached blocks (window layers and the smear layer included).
     metrics = httpx.get(vllm_server["url"] + "/metrics").text
     hits = [
