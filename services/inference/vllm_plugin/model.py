@@ -28,7 +28,11 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.attention import Attention
+
+try:  # where current vLLM keeps the Attention layer (tested with 0.32)
+    from vllm.model_executor.layers.attention import Attention
+except ImportError:  # older releases
+    from vllm.attention import Attention  # type: ignore[no-redef]
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
