@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         on_checkpoint=lambda d: out.write("checkpoint", _finite(d)),
         should_stop=lambda: term["requested"] or stop_file.exists(),
     )
+    clean_exit = False
     try:
         result = run(cfg, hooks)
+        clean_exit = True
         out.write(
             "done",
             _finite(
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         out.close()
-        cleanup_distributed()
+        cleanup_distributed(synchronize=clean_exit)
 
 
 if __name__ == "__main__":

@@ -147,8 +147,14 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, local, world, device)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(synchronize: bool = False) -> None:
+    """Tear down the process group. `synchronize=True` (clean exits only) first waits for every
+    rank: a rank destroying its gloo/nccl group while a peer still has a collective or the
+    rendezvous store in flight can make that peer abort (seen as SIGABRT across nodes). On an
+    error path peers may be inside other collectives, so no barrier is attempted there."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
