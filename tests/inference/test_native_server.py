@@ -49,7 +49,9 @@ def server(tiny_run):
 def _engine_greedy(server, prompt: list[int], max_tokens: int) -> str:
     engine = Engine(server["model"], server["tok"])
     seqs, _ = engine.generate_batch(prompt, 1, max_tokens=max_tokens, temperature=0.0)
-    return server["tok"].decode(seqs[0][len(prompt) :])
+    # The server leaves special tokens out of returned text, as vLLM does by default.
+    hidden = set(server["tok"].special_ids.values())
+    return server["tok"].decode([t for t in seqs[0][len(prompt) :] if t not in hidden])
 
 
 CHATS = [
@@ -203,3 +205,22 @@ def test_calculator_tool_forces_result(server):
         "<|output_end|>"
     )
     assert tok.decode(forced[1:-1]) == "36"
+
+
+def test_special_tokens_never_reach_the_returned_text(server):
+    from services.inference.native.app import _Choice
+
+    tok = server["tok"]
+    choice = _Choice(tok, stop_ids={tok.encode_special("<|assistant_end|>")}, stop=[])
+    ids = [
+        *tok.encode("x = "),
+        tok.encode_special("<|python_start|>"),
+        *tok.encode("12*3"),
+        tok.encode_special("<|python_end|>"),
+        tok.encode_special("<|output_start|>"),
+        *tok.encode("36"),
+        tok.encode_special("<|output_end|>"),
+    ]
+    text = "".join(choice.add(t) for t in ids) + choice.add(tok.encode_special("<|assistant_end|>"))
+    assert text == "x = 12*336"
+    assert choice.n_tokens == len(ids) + 1  # hidden tokens still count as generated

@@ -80,6 +80,9 @@ class _Choice:
 
     def __init__(self, tok, stop_ids: set[int], stop: list[str]):
         self.tok, self.stop_ids, self.stop = tok, stop_ids, stop
+        # Like vLLM's default skip_special_tokens=True: tool-call markers and other specials are
+        # generated (and counted) but never appear in the returned text.
+        self.hidden_ids = set(tok.special_ids.values())
         self.ids: list[int] = []
         self.sent = ""
         self.finish: str | None = None
@@ -90,6 +93,8 @@ class _Choice:
         self.n_tokens += 1
         if token in self.stop_ids:
             return self.flush()
+        if token in self.hidden_ids:
+            return ""
         self.ids.append(token)
         text = self.tok.decode(self.ids)
         for s in self.stop:
