@@ -91,15 +91,33 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     home = Path(os.environ.get("TMPDIR", "/tmp")) / f"ncp_bench_home_{secrets.token_hex(4)}"
-    env = dict(os.environ, NCP_HOME=str(home), NCP_DATABASE_URL=db_url,
-               NCP_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}", NCP_LOG_LEVEL="WARNING")
+    env = dict(
+        os.environ,
+        NCP_HOME=str(home),
+        NCP_DATABASE_URL=db_url,
+        NCP_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
+        NCP_LOG_LEVEL="WARNING",
+    )
     proc = None
     try:
         upgrade(db_url)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning", "--no-access-log"],
-            cwd=ROOT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "services.api.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -119,8 +137,11 @@ def main() -> int:
                 c.post("/jobs", json=spec)
             health = latencies(c, args.submits, lambda c, i: c.get("/healthz"))
             submit = latencies(c, args.submits, lambda c, i: c.post("/jobs", json=spec))
-            keyed = latencies(c, args.submits // 2,
-                              lambda c, i: c.post("/jobs", json=spec, headers={"Idempotency-Key": f"k{i % 10}"}))
+            keyed = latencies(
+                c,
+                args.submits // 2,
+                lambda c, i: c.post("/jobs", json=spec, headers={"Idempotency-Key": f"k{i % 10}"}),
+            )
             job_id = c.get("/jobs", params={"limit": 1}).json()["data"][0]["id"]
             status = latencies(c, args.submits, lambda c, i: c.get(f"/jobs/{job_id}"))
 
@@ -153,8 +174,10 @@ def main() -> int:
         ("GET /jobs/{id} throughput, 1 client", status_rps_1, health_rps_1, "req/s"),
         (f"GET /jobs/{{id}} throughput, {args.clients} clients", status_rps_n, health_rps_n, "req/s"),
     ]
-    print(f"API benchmark: PostgreSQL registry, Redis broker, 1 uvicorn process, {os.cpu_count()} CPUs; "
-          f"{args.submits} requests per latency row, {args.seconds:.0f} s per throughput row")
+    print(
+        f"API benchmark: PostgreSQL registry, Redis broker, 1 uvicorn process, {os.cpu_count()} CPUs; "
+        f"{args.submits} requests per latency row, {args.seconds:.0f} s per throughput row"
+    )
     print(f"| {'measurement':46} | {'value':>10} | {'reference':>10} | {'ratio':>6} | unit  |")
     print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|{'-' * 8}|-------|")
     for name, value, ref, unit in rows:

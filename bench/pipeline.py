@@ -90,8 +90,17 @@ def run_inprocess(env: dict[str, str], jobs: int) -> list[float]:
         t0 = time.perf_counter()
         job_id = _create(sessions)
         for stage in ("data", "report"):
-            assert run_stage(job_id, stage, settings=settings, sessions=sessions, worker_id="bench",
-                             enqueue=lambda j, s: None) == "ran"
+            assert (
+                run_stage(
+                    job_id,
+                    stage,
+                    settings=settings,
+                    sessions=sessions,
+                    worker_id="bench",
+                    enqueue=lambda j, s: None,
+                )
+                == "ran"
+            )
         assert _status(sessions, job_id) == "succeeded"
         if i:  # the first job pays one-time imports (matplotlib for the report)
             out.append(time.perf_counter() - t0)
@@ -105,9 +114,14 @@ def run_celery(env: dict[str, str], jobs: int, log: Path) -> list[float]:
     _apply(env)
     sessions = sessions_for(get_settings())
     with open(log, "wb") as out_log:
-        worker = subprocess.Popen([sys.executable, "-m", "services.cli.main", "worker", "--queues", "data,eval"],
-                                  cwd=ROOT, env=env, stdout=out_log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "worker", "--queues", "data,eval"],
+            cwd=ROOT,
+            env=env,
+            stdout=out_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         out = []
         for i in range(jobs + 1):
@@ -146,10 +160,14 @@ def main() -> int:
         upgrade(sqlite_db)
         rows = [
             ("in-process run_stage (reference)", run_inprocess(_env(tmp / "ref", pg, REDIS_URL), args.jobs)),
-            ("Celery: Redis + PostgreSQL", run_celery(_env(tmp / "redis", pg, REDIS_URL), args.jobs,
-                                                       tmp / "w-redis.log")),
-            ("Celery: SQLite broker + SQLite (embedded)", run_celery(_env(sqlite_home, None, None), args.jobs,
-                                                                    tmp / "w-sqlite.log")),
+            (
+                "Celery: Redis + PostgreSQL",
+                run_celery(_env(tmp / "redis", pg, REDIS_URL), args.jobs, tmp / "w-redis.log"),
+            ),
+            (
+                "Celery: SQLite broker + SQLite (embedded)",
+                run_celery(_env(sqlite_home, None, None), args.jobs, tmp / "w-sqlite.log"),
+            ),
         ]
     finally:
         r.flushdb()

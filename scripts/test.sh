@@ -10,6 +10,8 @@ scripts/setup.sh
 if [ -x scripts/setup_vllm_venv.sh ]; then scripts/setup_vllm_venv.sh; fi
 
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy shared services
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

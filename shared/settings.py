@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = 0.9
     vllm_max_model_len: int | None = None
     vllm_dtype: str = Field(default="auto", description="vLLM --dtype (auto = config.json's torch_dtype)")
-    vllm_extra_args: str = Field(default="", description="Extra vLLM server flags, shell-split (e.g. --enforce-eager)")
+    vllm_extra_args: str = Field(
+        default="", description="Extra vLLM server flags, shell-split (e.g. --enforce-eager)"
+    )
 
     # --- Kubernetes multi-node training (services/train_worker/k8s.py) ------------------------
     k8s_api_url: str = Field(
@@ -90,7 +92,9 @@ class Settings(BaseSettings):
     k8s_rdzv_port: int = Field(default=29500, description="torchrun c10d rendezvous port")
 
     # --- ROCm / CUDA process environment -----------------------------------------------------
-    rocm_env_defaults: bool = Field(default=True, description="Apply the MI300X env defaults (docs/deploy.md)")
+    rocm_env_defaults: bool = Field(
+        default=True, description="Apply the MI300X env defaults (docs/deploy.md)"
+    )
 
     log_level: str = "INFO"
 

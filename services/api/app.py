@@ -72,7 +72,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     comps.update(spec_schema.pop("$defs", {}))
     comps["JobSpec"] = spec_schema
     schema["paths"]["/jobs"]["post"]["requestBody"] = {
-        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
     }
     app.openapi_schema = schema
     return schema
@@ -94,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="nanochat platform API",
         version="0.1.0",
         description="Submit and follow nanochat pipeline jobs (data, tokenizer, pretraining, evaluation, "
-        "SFT, export, serving). Errors are JSON: {\"error\": {\"code\", \"message\", \"field\"?}}.",
+        'SFT, export, serving). Errors are JSON: {"error": {"code", "message", "field"?}}.',
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -122,9 +123,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Only real sockets carry IP addresses; in-process transports (TestClient) cannot be remote.
             if any(_is_ip(a) and not is_loopback(a) for a in (local, peer)):
                 return errors.error_response(
-                    403, "remote_access_disabled",
+                    403,
+                    "remote_access_disabled",
                     "this API has no NCP_API_TOKEN and only serves loopback clients; set a token to allow "
-                    "remote access")
+                    "remote access",
+                )
         return await call_next(request)
 
     return app
@@ -137,8 +140,9 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     settings = get_settings()
     host = host or settings.api_host
     check_bind(settings, host)
-    uvicorn.run(create_app(settings), host=host, port=port or settings.api_port,
-                log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings), host=host, port=port or settings.api_port, log_level=settings.log_level.lower()
+    )
 
 
 if __name__ == "__main__":

@@ -96,8 +96,12 @@ class JobsClient:
                 err = r.json().get("error", {})
             except ValueError:
                 err = {}
-            raise ApiClientError(r.status_code, err.get("code", "http_error"),
-                                 err.get("message", r.text[:500]), err.get("field"))
+            raise ApiClientError(
+                r.status_code,
+                err.get("code", "http_error"),
+                err.get("message", r.text[:500]),
+                err.get("field"),
+            )
         return r
 
     # --- jobs --------------------------------------------------------------------------------
@@ -134,14 +138,19 @@ class JobsClient:
         return self._request("GET", f"/jobs/{job_id}/logs", params=params).json()["logs"]
 
     def metrics(self, job_id: str, names: list[str] | None = None) -> dict[str, Any]:
-        return self._request("GET", f"/jobs/{job_id}/metrics", params={"name": names} if names else None).json()
+        return self._request(
+            "GET", f"/jobs/{job_id}/metrics", params={"name": names} if names else None
+        ).json()
 
     def stream_events(self, job_id: str, after: int = 0) -> Iterator[SSEvent]:
         """Follow the job's SSE stream until the server ends it (job finished)."""
         try:
             with self._http.stream(
-                "GET", f"/jobs/{job_id}/events", params={"after": after},
-                headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(self.timeout, read=None),
+                "GET",
+                f"/jobs/{job_id}/events",
+                params={"after": after},
+                headers={"Accept": "text/event-stream"},
+                timeout=httpx.Timeout(self.timeout, read=None),
             ) as r:
                 if r.status_code >= 400:
                     r.read()

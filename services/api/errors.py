@@ -34,14 +34,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         body["field"] = field
@@ -60,8 +67,12 @@ def validation_response(errors: Sequence[Any]) -> JSONResponse:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = field_path(first.get("loc", ()))
     details = [{"field": field_path(e.get("loc", ())), "message": e.get("msg", "")} for e in errors]
-    body = {"code": "validation_error", "message": f"{field or 'request'}: {first.get('msg', '')}",
-            "field": field or None, "details": details}
+    body = {
+        "code": "validation_error",
+        "message": f"{field or 'request'}: {first.get('msg', '')}",
+        "field": field or None,
+        "details": details,
+    }
     return JSONResponse({"error": body}, status_code=422)
 
 
@@ -96,9 +107,12 @@ def install(app: FastAPI) -> None:
             log.exception("database error")
             return error_response(500, "database_error", "unexpected database error")
         log.warning("registry database unavailable: %s", e)
-        return error_response(503, "database_unavailable",
-                              f"the run registry database is unavailable: {type(e).__name__}: "
-                              f"{str(getattr(e, 'orig', e)).strip().splitlines()[0] if str(e) else ''}")
+        return error_response(
+            503,
+            "database_unavailable",
+            f"the run registry database is unavailable: {type(e).__name__}: "
+            f"{str(getattr(e, 'orig', e)).strip().splitlines()[0] if str(e) else ''}",
+        )
 
     app.add_exception_handler(OperationalError, _db_down)
     app.add_exception_handler(PoolTimeout, _db_down)
@@ -106,5 +120,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(e.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
+            e.status_code, "http_error"
+        )
         return error_response(e.status_code, code, str(e.detail), headers=getattr(e, "headers", None))

@@ -46,8 +46,13 @@ class JobsByStatus(Collector):
 def install(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorRegistry:
     reg = CollectorRegistry()
     requests = Counter("ncp_api_requests", "HTTP requests", ["method", "route", "status"], registry=reg)
-    latency = Histogram("ncp_api_request_seconds", "HTTP request latency", ["method", "route"], registry=reg,
-                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    latency = Histogram(
+        "ncp_api_request_seconds",
+        "HTTP request latency",
+        ["method", "route"],
+        registry=reg,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
     reg.register(JobsByStatus(sessions))
 
     @app.middleware("http")

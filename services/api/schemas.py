@@ -34,8 +34,15 @@ class StagePublic(BaseModel):
 
     @classmethod
     def of(cls, st: Stage) -> StagePublic:
-        return cls(name=st.name, status=st.status, order=st.order, started_at=st.started_at,
-                   finished_at=st.finished_at, error=st.error, outputs=st.outputs)
+        return cls(
+            name=st.name,
+            status=st.status,
+            order=st.order,
+            started_at=st.started_at,
+            finished_at=st.finished_at,
+            error=st.error,
+            outputs=st.outputs,
+        )
 
 
 class CheckpointPublic(BaseModel):
@@ -49,8 +56,15 @@ class CheckpointPublic(BaseModel):
 
     @classmethod
     def of(cls, c: Checkpoint) -> CheckpointPublic:
-        return cls(stage=c.stage, kind=c.kind, step=c.step, path=c.path, val_bpb=c.val_bpb, files=c.files,
-                   created_at=c.created_at)
+        return cls(
+            stage=c.stage,
+            kind=c.kind,
+            step=c.step,
+            path=c.path,
+            val_bpb=c.val_bpb,
+            files=c.files,
+            created_at=c.created_at,
+        )
 
 
 class Progress(BaseModel):
@@ -91,15 +105,24 @@ class JobPublic(BaseModel):
     @classmethod
     def of(cls, job: Job, latest: Checkpoint | None = None) -> JobPublic:
         return cls(
-            id=job.id, kind=job.kind, name=(job.spec or {}).get("name"), status=job.status,
-            current_stage=job.current_stage, stages=[StagePublic.of(s) for s in job.stages],
+            id=job.id,
+            kind=job.kind,
+            name=(job.spec or {}).get("name"),
+            status=job.status,
+            current_stage=job.current_stage,
+            stages=[StagePublic.of(s) for s in job.stages],
             progress=progress_of(job),
             error=JobError(code=job.error_code, message=job.error_message)
-            if (job.error_code or job.error_message) else None,
-            attempts=job.attempts, cancel_requested=job.cancel_requested,
+            if (job.error_code or job.error_message)
+            else None,
+            attempts=job.attempts,
+            cancel_requested=job.cancel_requested,
             latest_checkpoint=CheckpointPublic.of(latest) if latest is not None else None,
-            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            updated_at=job.updated_at, spec=job.spec,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+            spec=job.spec,
         )
 
 
@@ -117,9 +140,15 @@ def progress_of(job: Job) -> Progress:
     else:
         percent = 0.0
     return Progress(
-        percent=round(percent, 2), stage_percent=None if stage_frac is None else round(100 * stage_frac, 2),
-        step=job.step, total_steps=job.total_steps, loss=job.loss, tokens_per_sec=job.tokens_per_sec,
-        mfu=job.mfu, eta_seconds=job.eta_seconds, peak_memory=job.peak_memory,
+        percent=round(percent, 2),
+        stage_percent=None if stage_frac is None else round(100 * stage_frac, 2),
+        step=job.step,
+        total_steps=job.total_steps,
+        loss=job.loss,
+        tokens_per_sec=job.tokens_per_sec,
+        mfu=job.mfu,
+        eta_seconds=job.eta_seconds,
+        peak_memory=job.peak_memory,
     )
 
 

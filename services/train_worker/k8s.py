@@ -399,7 +399,9 @@ def _delete_and_wait(client: KubeClient, name: str, timeout: float = 120.0) -> N
     deadline = time.monotonic() + timeout
     while client.get("Job", name) is not None or client.get("Service", name) is not None:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"Kubernetes API: Job/Service {name} of an earlier attempt still exists after {timeout:.0f} s")
+            raise RuntimeError(
+                f"Kubernetes API: Job/Service {name} of an earlier attempt still exists after {timeout:.0f} s"
+            )
         time.sleep(2.0)
 
 

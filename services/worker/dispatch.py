@@ -53,8 +53,9 @@ def enqueue_job(job_id: str, settings: Settings | None = None) -> str | None:
         stage = first_unfinished_stage(s, job_id)
         if stage is None:
             return None
-        registry.add_event(s, job_id, "enqueued", f"stage {stage} sent to queue {queue_for_stage(stage)}",
-                           stage=stage)
+        registry.add_event(
+            s, job_id, "enqueued", f"stage {stage} sent to queue {queue_for_stage(stage)}", stage=stage
+        )
     enqueue_stage(job_id, stage, settings)
     return stage
 

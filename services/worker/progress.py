@@ -31,14 +31,18 @@ METRIC_KEYS = ("loss", "raw_loss", "tokens_per_sec", "mfu", "lr_mult", "peak_mem
 
 def max_recorded_step(session: Session, job_id: str, stage: str) -> int:
     # Registry gap: D1's registry has no "highest metric step" query; read it over D1's model.
-    value = session.scalar(select(func.max(Metric.step)).where(Metric.job_id == job_id, Metric.stage == stage))
+    value = session.scalar(
+        select(func.max(Metric.step)).where(Metric.job_id == job_id, Metric.stage == stage)
+    )
     return int(value) if value is not None else -1
 
 
 class ProgressForwarder:
     """Callable handed to the launcher as `on_records`."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, stage: str, checkpoint_kind: str) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], job_id: str, stage: str, checkpoint_kind: str
+    ) -> None:
         self.sessions, self.job_id, self.stage, self.kind = sessions, job_id, stage, checkpoint_kind
         with session_scope(sessions) as s:
             self.last_step = max_recorded_step(s, job_id, stage)
@@ -55,17 +59,31 @@ class ProgressForwarder:
                 if kind == "progress" and step is not None:
                     latest = rec
                     if step > self.last_step:
-                        registry.add_metrics(s, self.job_id, self.stage, step,
-                                             {k: rec.get(k) for k in METRIC_KEYS})
+                        registry.add_metrics(
+                            s, self.job_id, self.stage, step, {k: rec.get(k) for k in METRIC_KEYS}
+                        )
                         self.last_step = step
                 elif kind == "eval" and step is not None:
                     registry.add_metrics(s, self.job_id, self.stage, step, {"val_bpb": rec.get("val_bpb")})
-                    registry.add_event(s, self.job_id, "eval", f"step {step}: val bpb {rec.get('val_bpb')}",
-                                       stage=self.stage, data=_jsonable(rec))
+                    registry.add_event(
+                        s,
+                        self.job_id,
+                        "eval",
+                        f"step {step}: val bpb {rec.get('val_bpb')}",
+                        stage=self.stage,
+                        data=_jsonable(rec),
+                    )
                 elif kind == "checkpoint" and step is not None:
-                    registry.record_checkpoint(s, self.job_id, self.stage, step, str(rec.get("path", "")),
-                                               kind=self.kind, val_bpb=rec.get("val_bpb"),
-                                               files=rec.get("files"))
+                    registry.record_checkpoint(
+                        s,
+                        self.job_id,
+                        self.stage,
+                        step,
+                        str(rec.get("path", "")),
+                        kind=self.kind,
+                        val_bpb=rec.get("val_bpb"),
+                        files=rec.get("files"),
+                    )
                     self.checkpoints.append(step)
                 elif kind == "done":
                     self.done = rec

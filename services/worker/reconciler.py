@@ -76,8 +76,12 @@ def reconcile_once(
     (None = unknown): a job whose id is among them is still on its way and is left alone."""
     now = now or utcnow()
     with session_scope(sessions) as s:
-        stuck = [j.id for j in registry.jobs_needing_reconcile(
-            s, now, grace_seconds=cfg.grace_seconds, statuses=("queued", "running", "cancelling"))]
+        stuck = [
+            j.id
+            for j in registry.jobs_needing_reconcile(
+                s, now, grace_seconds=cfg.grace_seconds, statuses=("queued", "running", "cancelling")
+            )
+        ]
     queued = waiting() if (waiting is not None and stuck) else None
     actions = []
     for job_id in stuck:
@@ -92,8 +96,11 @@ def reconcile_once(
 
 
 def _reconcile_job(
-    sessions: sessionmaker[Session], cfg: ReconcileConfig, enqueue_job: Callable[[str], str | None],
-    job_id: str, now: dt.datetime,
+    sessions: sessionmaker[Session],
+    cfg: ReconcileConfig,
+    enqueue_job: Callable[[str], str | None],
+    job_id: str,
+    now: dt.datetime,
 ) -> Action:
     with session_scope(sessions) as s:
         job = registry.get_job(s, job_id)
@@ -118,8 +125,14 @@ def _reconcile_job(
                 else:
                     registry.set_job_status(s, job_id, "failed", error_code="max_attempts", error_message=msg)
                 return Action(job_id, "failed", stage, msg)
-            registry.add_event(s, job_id, "retry", f"worker {dead} lost; attempt {attempts + 1}",
-                               stage=job.current_stage, data={"attempts": attempts, "dead_worker": dead})
+            registry.add_event(
+                s,
+                job_id,
+                "retry",
+                f"worker {dead} lost; attempt {attempts + 1}",
+                stage=job.current_stage,
+                data={"attempts": attempts, "dead_worker": dead},
+            )
             action = "retried"
     stage = enqueue_job(job_id)
     log.info("reconciler: job %s %s (stage %s)", job_id, action, stage)

@@ -149,7 +149,9 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
         # datasets that is the dataset's own held-out last shard, as in the reference.
         val_index = download.KNOWN_VAL_INDEX.get(data.get("repo") or "")
         n = num_shards or 2
-        indices = download.shard_indices(max(1, n - 1), val_index) if val_index is not None else list(range(n))
+        indices = (
+            download.shard_indices(max(1, n - 1), val_index) if val_index is not None else list(range(n))
+        )
         download.download_shards(download.shard_specs(base, indices), out)
         report = None
     else:
@@ -187,16 +189,24 @@ def stage_tokenizer(ctx: StageContext) -> dict[str, Any]:
         reused = True
     else:
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=ctx.run.root))
-        tok = train_tokenizer(iter_shard_texts(train, column), vocab_size=vocab, out_dir=tmp,
-                              max_chars=spec_tok.get("max_chars", 2_000_000_000))
+        tok = train_tokenizer(
+            iter_shard_texts(train, column),
+            vocab_size=vocab,
+            out_dir=tmp,
+            max_chars=spec_tok.get("max_chars", 2_000_000_000),
+        )
         shutil.rmtree(out, ignore_errors=True)
         os.rename(tmp, out)
         reused = False
     comp = compression_report(tok, _take(iter_shard_texts(val, column), 500))
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "tokenizer", str(out), "tokenizer")
-    return {"tokenizer_dir": str(out), "vocab_size": tok.vocab_size, "reused": reused,
-            "bytes_per_token": comp["bytes_per_token"]}
+    return {
+        "tokenizer_dir": str(out),
+        "vocab_size": tok.vocab_size,
+        "reused": reused,
+        "bytes_per_token": comp["bytes_per_token"],
+    }
 
 
 def _take(it: Iterator[str], n: int) -> list[str]:
@@ -209,13 +219,15 @@ def _take(it: Iterator[str], n: int) -> list[str]:
 
 
 def stage_pretrain(ctx: StageContext) -> dict[str, Any]:
-    return run_pretrain(ctx, data_dir=data_dir(ctx), tokenizer_dir=tokenizer_dir(ctx),
-                        ckpt_dir=base_ckpt_dir(ctx))
+    return run_pretrain(
+        ctx, data_dir=data_dir(ctx), tokenizer_dir=tokenizer_dir(ctx), ckpt_dir=base_ckpt_dir(ctx)
+    )
 
 
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
-    return run_sft(ctx, tokenizer_dir=tokenizer_dir(ctx), base_dir=base_ckpt_dir(ctx),
-                   out_dir=sft_ckpt_dir(ctx))
+    return run_sft(
+        ctx, tokenizer_dir=tokenizer_dir(ctx), base_dir=base_ckpt_dir(ctx), out_dir=sft_ckpt_dir(ctx)
+    )
 
 
 def stage_base_eval(ctx: StageContext) -> dict[str, Any]:
@@ -260,8 +272,13 @@ def _record_eval(ctx: StageContext, result: dict[str, Any], out: Path) -> dict[s
     numbers = _numbers(result)
     step = numbers.pop("step", None)
     with session_scope(ctx.sessions) as s:
-        registry.record_eval_results(s, ctx.job_id, ctx.stage, int(step) if step is not None else None,
-                                     {k: {"value": v} for k, v in numbers.items()})
+        registry.record_eval_results(
+            s,
+            ctx.job_id,
+            ctx.stage,
+            int(step) if step is not None else None,
+            {k: {"value": v} for k, v in numbers.items()},
+        )
         registry.record_artifact(s, ctx.job_id, ctx.stage, str(out), "eval")
     return {"out_dir": str(out), "step": step, "results": numbers}
 
@@ -273,7 +290,9 @@ def _best_checkpoint(ctx: StageContext) -> tuple[Path, str]:
     for kind, d in (("sft", sft_ckpt_dir(ctx)), ("base", base_ckpt_dir(ctx))):
         if d.is_dir() and latest_step(d) is not None:
             return d, kind
-    raise StageError("no_checkpoint", f"no complete checkpoint in {sft_ckpt_dir(ctx)} or {base_ckpt_dir(ctx)}")
+    raise StageError(
+        "no_checkpoint", f"no complete checkpoint in {sft_ckpt_dir(ctx)} or {base_ckpt_dir(ctx)}"
+    )
 
 
 def served_name(ctx: StageContext) -> str:
@@ -287,12 +306,17 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     ckpt, kind = _best_checkpoint(ctx)
     # fp32 weights when the job trained on CPU: CPU serving is exact and bf16 gains nothing there.
     dtype = "float32" if device(ctx) == "cpu" else "bfloat16"
-    out = export_model(ckpt, None, tokenizer_dir(ctx), ctx.run.export, served_name=served_name(ctx),
-                       dtype=dtype)
+    out = export_model(
+        ckpt, None, tokenizer_dir(ctx), ctx.run.export, served_name=served_name(ctx), dtype=dtype
+    )
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "export", str(out), "export")
-    return {"export_dir": str(out), "checkpoint_kind": kind, "checkpoint_dir": str(ckpt),
-            "served_name": served_name(ctx)}
+    return {
+        "export_dir": str(out),
+        "checkpoint_kind": kind,
+        "checkpoint_dir": str(ckpt),
+        "served_name": served_name(ctx),
+    }
 
 
 def stage_serve(ctx: StageContext) -> dict[str, Any]:
@@ -300,8 +324,12 @@ def stage_serve(ctx: StageContext) -> dict[str, Any]:
 
     export_dir = ctx.stage_outputs("export").get("export_dir") or str(ctx.run.export)
     published = publish_model(ctx.settings.serving_dir, served_name(ctx), Path(export_dir))
-    return {"model": served_name(ctx), "export_dir": export_dir, "published": published,
-            "inference_url": ctx.settings.inference_url}
+    return {
+        "model": served_name(ctx),
+        "export_dir": export_dir,
+        "published": published,
+        "inference_url": ctx.settings.inference_url,
+    }
 
 
 def stage_report(ctx: StageContext) -> dict[str, Any]:

@@ -63,8 +63,9 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, specs: list[ChildSpec], cfg: SupervisorConfig,
-                 on_event: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, specs: list[ChildSpec], cfg: SupervisorConfig, on_event: Callable[[str], None] | None = None
+    ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"child names must be unique, got {names}")
@@ -78,11 +79,19 @@ class Supervisor:
         env = dict(os.environ)
         env.update(child.spec.env)
         with open(self.cfg.log_dir / f"{child.spec.name}.log", "ab") as out:
-            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(child.spec.argv)}\n".encode())
+            out.write(
+                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(child.spec.argv)}\n".encode()
+            )
             out.flush()
-            child.proc = subprocess.Popen(child.spec.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, env=env, cwd=child.spec.cwd,
-                                          start_new_session=True)
+            child.proc = subprocess.Popen(
+                child.spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=child.spec.cwd,
+                start_new_session=True,
+            )
         child.started = time.monotonic()
         child.restart_at = None
         self.on_event(f"{child.spec.name}: started (pid {child.proc.pid})")
@@ -105,13 +114,16 @@ class Supervisor:
                 if ran >= self.cfg.stable_after_seconds:
                     child.backoff = self.cfg.backoff_initial_seconds
                 else:
-                    child.backoff = min(max(child.backoff * 2, self.cfg.backoff_initial_seconds),
-                                        self.cfg.backoff_max_seconds)
+                    child.backoff = min(
+                        max(child.backoff * 2, self.cfg.backoff_initial_seconds), self.cfg.backoff_max_seconds
+                    )
                 child.restart_at = now + child.backoff
                 # Whatever the child left running in its group goes with it.
                 _kill_group(child.proc.pid)
-                self.on_event(f"{child.spec.name}: exited with {rc} after {ran:.1f}s; "
-                              f"restarting in {child.backoff:.1f}s")
+                self.on_event(
+                    f"{child.spec.name}: exited with {rc} after {ran:.1f}s; "
+                    f"restarting in {child.backoff:.1f}s"
+                )
             elif now >= child.restart_at:
                 child.restarts += 1
                 self._start(child)
@@ -144,7 +156,9 @@ class Supervisor:
         self.on_event("all children stopped")
 
     def pids(self) -> dict[str, int | None]:
-        return {c.spec.name: (c.proc.pid if c.proc and c.proc.poll() is None else None) for c in self.children}
+        return {
+            c.spec.name: (c.proc.pid if c.proc and c.proc.poll() is None else None) for c in self.children
+        }
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

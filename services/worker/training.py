@@ -30,8 +30,9 @@ def latest_complete_step(ckpt_dir: Path) -> int | None:
     return latest_step(ckpt_dir)
 
 
-def pretrain_config(spec: dict[str, Any], *, data_dir: Path, tokenizer_dir: Path, ckpt_dir: Path,
-                    resume: bool) -> dict[str, Any]:
+def pretrain_config(
+    spec: dict[str, Any], *, data_dir: Path, tokenizer_dir: Path, ckpt_dir: Path, resume: bool
+) -> dict[str, Any]:
     """The TrainConfig (shared/nanochat/train.py) a job spec describes, as from_dict input.
 
     What the spec leaves as None (batch size, horizon, weight decay) is left out, so the trainer's
@@ -73,8 +74,15 @@ def pretrain_config(spec: dict[str, Any], *, data_dir: Path, tokenizer_dir: Path
     return _known_fields("shared.nanochat.train", "TrainConfig", cfg)
 
 
-def sft_config(spec: dict[str, Any], *, tokenizer_dir: Path, base_dir: Path, out_dir: Path, resume: bool,
-               roots: list[Path]) -> dict[str, Any]:
+def sft_config(
+    spec: dict[str, Any],
+    *,
+    tokenizer_dir: Path,
+    base_dir: Path,
+    out_dir: Path,
+    resume: bool,
+    roots: list[Path],
+) -> dict[str, Any]:
     """The SFTConfig (shared/nanochat/sft.py) a job spec describes, as from_dict input.
 
     Spec sources map onto the SFT mixtures: `demo` (generated conversations), `conversations`
@@ -85,7 +93,9 @@ def sft_config(spec: dict[str, Any], *, tokenizer_dir: Path, base_dir: Path, out
 
     sft, b, hw = spec.get("sft", {}), spec.get("batch", {}), spec.get("hardware", {})
     sources = sft.get("sources") or [{"kind": "demo"}]
-    conversations = [str(resolve_under_roots(s["path"], roots)) for s in sources if s["kind"] == "conversations"]
+    conversations = [
+        str(resolve_under_roots(s["path"], roots)) for s in sources if s["kind"] == "conversations"
+    ]
     hub = [s for s in sources if s["kind"] in ("smoltalk", "mmlu", "gsm8k")]
     kinds = {s["kind"] for s in sources}
     cfg: dict[str, Any] = {
@@ -124,7 +134,9 @@ def _known_fields(module: str, cls: str, cfg: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(klass)}
     unknown = sorted(set(cfg) - names)
     if unknown:
-        raise StageError("config_mapping", f"{cls} has no field(s) {unknown}; the spec mapping is out of date")
+        raise StageError(
+            "config_mapping", f"{cls} has no field(s) {unknown}; the spec mapping is out of date"
+        )
     return {k: v for k, v in cfg.items() if v is not None}
 
 
@@ -138,8 +150,11 @@ def _nproc(ctx: StageContext) -> int:
     wanted = int(hw["gpus"])
     owned = [g for g in ctx.settings.gpus.split(",") if g.strip()]
     if owned and wanted > len(owned):
-        raise StageError("insufficient_gpus", f"hardware.gpus={wanted} but this train worker owns "
-                         f"{len(owned)} GPU(s) (NCP_GPUS={ctx.settings.gpus!r})")
+        raise StageError(
+            "insufficient_gpus",
+            f"hardware.gpus={wanted} but this train worker owns "
+            f"{len(owned)} GPU(s) (NCP_GPUS={ctx.settings.gpus!r})",
+        )
     return wanted
 
 
@@ -151,8 +166,9 @@ def _log_tail(path: Path, chars: int = 1500) -> str:
     return text[-chars:]
 
 
-def _train(ctx: StageContext, mode: str, cfg: dict[str, Any], ckpt_dir: Path, kind: str,
-           resume_step: int | None) -> dict[str, Any]:
+def _train(
+    ctx: StageContext, mode: str, cfg: dict[str, Any], ckpt_dir: Path, kind: str, resume_step: int | None
+) -> dict[str, Any]:
     cfg_path = ctx.run.root / "config" / f"{mode}.json"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(json.dumps(cfg, indent=2))
@@ -164,16 +180,30 @@ def _train(ctx: StageContext, mode: str, cfg: dict[str, Any], ckpt_dir: Path, ki
         rc, cancelled, error = _train_multinode(ctx, mode, cfg_path, forward)
         log_path = ctx.run.logs / f"{mode}.log"
     else:
-        launch = LaunchConfig(mode=mode, config_path=cfg_path, run=ctx.run, nproc=_nproc(ctx),
-                              gpus=ctx.settings.gpus, cancel_grace_seconds=ctx.settings.cancel_grace_seconds)
+        launch = LaunchConfig(
+            mode=mode,
+            config_path=cfg_path,
+            run=ctx.run,
+            nproc=_nproc(ctx),
+            gpus=ctx.settings.gpus,
+            cancel_grace_seconds=ctx.settings.cancel_grace_seconds,
+        )
         result = run_training(
             launch, on_records=forward,
             should_cancel=lambda: ctx.heartbeat.lost.is_set() or ctx.cancel_requested(),
         )  # fmt: skip
-        rc, cancelled, error, log_path = result.returncode, result.cancelled, result.last_error, launch.log_path
+        rc, cancelled, error, log_path = (
+            result.returncode,
+            result.cancelled,
+            result.last_error,
+            launch.log_path,
+        )
         if result.escalation:
-            ctx.event("stop_escalated", f"trainer did not stop in time: sent {result.escalation}",
-                      {"signal": result.escalation})
+            ctx.event(
+                "stop_escalated",
+                f"trainer did not stop in time: sent {result.escalation}",
+                {"signal": result.escalation},
+            )
     _sync_checkpoints(ctx, ckpt_dir, kind, forward)
     if ctx.heartbeat.lost.is_set():
         raise LeaseLost(ctx.job_id)
@@ -184,7 +214,9 @@ def _train(ctx: StageContext, mode: str, cfg: dict[str, Any], ckpt_dir: Path, ki
         raise StageError(f"{mode}_failed", f"{detail}; log tail ({log_path}):\n{_log_tail(log_path)}")
     done = forward.done
     if done.get("stopped"):
-        raise StageInterrupted(f"the trainer stopped at step {done.get('step')} without a cancel (signalled?)")
+        raise StageInterrupted(
+            f"the trainer stopped at step {done.get('step')} without a cancel (signalled?)"
+        )
     return {
         "checkpoint_dir": str(ckpt_dir),
         "step": done.get("step"),
@@ -209,15 +241,17 @@ def _sync_checkpoints(ctx: StageContext, ckpt_dir: Path, kind: str, forward: Pro
             registry.record_checkpoint(s, ctx.job_id, ctx.stage, step, str(ckpt_dir), kind=kind)
 
 
-def _train_multinode(ctx: StageContext, mode: str, cfg_path: Path,
-                     forward: ProgressForwarder) -> tuple[int, bool, str | None]:
+def _train_multinode(
+    ctx: StageContext, mode: str, cfg_path: Path, forward: ProgressForwarder
+) -> tuple[int, bool, str | None]:
     """Hand the run to the Kubernetes launcher and follow it through the shared progress file."""
     try:
         from services.train_worker import k8s
     except ImportError as e:
-        raise StageError("multinode_unavailable",
-                         f"hardware.nodes > 1 needs the Kubernetes launcher (services/train_worker/k8s.py): {e}"
-                         ) from None
+        raise StageError(
+            "multinode_unavailable",
+            f"hardware.nodes > 1 needs the Kubernetes launcher (services/train_worker/k8s.py): {e}",
+        ) from None
     last_reason = None
     while True:
         info = k8s.launch_multinode(ctx.job_id, ctx.spec, ctx.settings, mode=mode, config_path=cfg_path)
@@ -274,13 +308,24 @@ def _plain(info: Any) -> dict[str, Any]:
 
 def run_pretrain(ctx: StageContext, *, data_dir: Path, tokenizer_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
     resume_step = latest_complete_step(ckpt_dir)
-    cfg = pretrain_config(ctx.spec, data_dir=data_dir, tokenizer_dir=tokenizer_dir, ckpt_dir=ckpt_dir,
-                          resume=resume_step is not None)
+    cfg = pretrain_config(
+        ctx.spec,
+        data_dir=data_dir,
+        tokenizer_dir=tokenizer_dir,
+        ckpt_dir=ckpt_dir,
+        resume=resume_step is not None,
+    )
     return _train(ctx, "pretrain", cfg, ckpt_dir, "base", resume_step)
 
 
 def run_sft(ctx: StageContext, *, tokenizer_dir: Path, base_dir: Path, out_dir: Path) -> dict[str, Any]:
     resume_step = latest_complete_step(out_dir)
-    cfg = sft_config(ctx.spec, tokenizer_dir=tokenizer_dir, base_dir=base_dir, out_dir=out_dir,
-                     resume=resume_step is not None, roots=[ctx.settings.home, *ctx.settings.data_roots])
+    cfg = sft_config(
+        ctx.spec,
+        tokenizer_dir=tokenizer_dir,
+        base_dir=base_dir,
+        out_dir=out_dir,
+        resume=resume_step is not None,
+        roots=[ctx.settings.home, *ctx.settings.data_roots],
+    )
     return _train(ctx, "sft", cfg, out_dir, "sft", resume_step)

@@ -14,7 +14,12 @@ from shared.db.session import begin_write
 
 
 def append_event(
-    session: Session, job_id: str, type: str, message: str = "", *, stage: str | None = None,
+    session: Session,
+    job_id: str,
+    type: str,
+    message: str = "",
+    *,
+    stage: str | None = None,
     data: Mapping[str, Any] | None = None,
 ) -> Event:
     """Add an event inside the caller's transaction (no commit)."""
@@ -25,14 +30,26 @@ def append_event(
     ).scalar_one_or_none()
     if seq is None:
         raise JobNotFound(job_id)
-    ev = Event(job_id=job_id, seq=int(seq), ts=utcnow(), type=type, stage=stage, message=message,
-               data=dict(data) if data is not None else None)
+    ev = Event(
+        job_id=job_id,
+        seq=int(seq),
+        ts=utcnow(),
+        type=type,
+        stage=stage,
+        message=message,
+        data=dict(data) if data is not None else None,
+    )
     session.add(ev)
     return ev
 
 
 def add_event(
-    session: Session, job_id: str, type: str, message: str = "", *, stage: str | None = None,
+    session: Session,
+    job_id: str,
+    type: str,
+    message: str = "",
+    *,
+    stage: str | None = None,
     data: Mapping[str, Any] | None = None,
 ) -> Event:
     """Append an event (seq 1, 2, ... per job) and commit."""
@@ -47,6 +64,11 @@ def add_event(
 
 
 def list_events(session: Session, job_id: str, after_seq: int = 0, limit: int = 100) -> list[Event]:
-    return list(session.scalars(
-        select(Event).where(Event.job_id == job_id, Event.seq > after_seq).order_by(Event.seq).limit(limit)
-    ))
+    return list(
+        session.scalars(
+            select(Event)
+            .where(Event.job_id == job_id, Event.seq > after_seq)
+            .order_by(Event.seq)
+            .limit(limit)
+        )
+    )

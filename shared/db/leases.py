@@ -83,7 +83,10 @@ def get_lease(session: Session, job_id: str) -> WorkerLease | None:
 
 
 def jobs_needing_reconcile(
-    session: Session, now: dt.datetime | None = None, *, grace_seconds: float = 0.0,
+    session: Session,
+    now: dt.datetime | None = None,
+    *,
+    grace_seconds: float = 0.0,
     statuses: Iterable[str] = ("queued", "running"),
 ) -> list[Job]:
     """Jobs in `statuses` that no live worker holds: no lease row, or an expired one.

@@ -47,8 +47,13 @@ def add_metrics(
 
 
 def get_metrics(
-    session: Session, job_id: str, *, names: Iterable[str] | None = None, stage: str | None = None,
-    after_step: int | None = None, limit: int = 10_000,
+    session: Session,
+    job_id: str,
+    *,
+    names: Iterable[str] | None = None,
+    stage: str | None = None,
+    after_step: int | None = None,
+    limit: int = 10_000,
 ) -> list[Metric]:
     q = select(Metric).where(Metric.job_id == job_id)
     if names is not None:
@@ -61,16 +66,25 @@ def get_metrics(
 
 
 def record_checkpoint(
-    session: Session, job_id: str, stage: str, step: int, path: str, kind: str = "base",
-    val_bpb: float | None = None, files: list[Any] | None = None,
+    session: Session,
+    job_id: str,
+    stage: str,
+    step: int,
+    path: str,
+    kind: str = "base",
+    val_bpb: float | None = None,
+    files: list[Any] | None = None,
 ) -> Checkpoint:
     """Register a complete checkpoint (idempotent per job/kind/step: a re-save updates the row)."""
     if kind not in CHECKPOINT_KINDS:
         raise ValueError(f"checkpoint kind {kind!r} is not one of {CHECKPOINT_KINDS}")
     for attempt in range(2):
         begin_write(session)
-        ckpt = session.scalars(select(Checkpoint).where(
-            Checkpoint.job_id == job_id, Checkpoint.kind == kind, Checkpoint.step == step)).one_or_none()
+        ckpt = session.scalars(
+            select(Checkpoint).where(
+                Checkpoint.job_id == job_id, Checkpoint.kind == kind, Checkpoint.step == step
+            )
+        ).one_or_none()
         if ckpt is None:
             ckpt = Checkpoint(job_id=job_id, stage=stage, step=step, kind=kind, path=str(path))
             session.add(ckpt)
@@ -80,8 +94,14 @@ def record_checkpoint(
         if files is not None:
             ckpt.files = list(files)
         try:
-            append_event(session, job_id, "checkpoint", f"{kind} checkpoint at step {step}", stage=stage,
-                         data={"step": step, "path": str(path), "val_bpb": val_bpb})
+            append_event(
+                session,
+                job_id,
+                "checkpoint",
+                f"{kind} checkpoint at step {step}",
+                stage=stage,
+                data={"step": step, "path": str(path), "val_bpb": val_bpb},
+            )
             session.commit()
             return ckpt
         except (IntegrityError, JobNotFound) as e:
@@ -111,10 +131,13 @@ def latest_checkpoints(session: Session, job_ids: Iterable[str]) -> dict[str, Ch
         return {}
     newest = (
         select(Checkpoint.job_id, func.max(Checkpoint.created_at).label("at"))
-        .where(Checkpoint.job_id.in_(ids)).group_by(Checkpoint.job_id).subquery()
+        .where(Checkpoint.job_id.in_(ids))
+        .group_by(Checkpoint.job_id)
+        .subquery()
     )
     rows = session.scalars(
-        select(Checkpoint).join(newest, (Checkpoint.job_id == newest.c.job_id) & (Checkpoint.created_at == newest.c.at))
+        select(Checkpoint)
+        .join(newest, (Checkpoint.job_id == newest.c.job_id) & (Checkpoint.created_at == newest.c.at))
         .order_by(Checkpoint.step)
     )
     return {c.job_id: c for c in rows}  # equal timestamps: the higher step wins (ordered last)
@@ -125,7 +148,8 @@ def record_artifact(session: Session, job_id: str, name: str, path: str, kind: s
     for attempt in range(2):
         begin_write(session)
         art = session.scalars(
-            select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)).one_or_none()
+            select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+        ).one_or_none()
         if art is None:
             art = Artifact(job_id=job_id, name=name, path=str(path), kind=kind)
             session.add(art)
@@ -144,7 +168,10 @@ def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
 
 
 def record_eval_results(
-    session: Session, job_id: str, stage: str, checkpoint_step: int | None,
+    session: Session,
+    job_id: str,
+    stage: str,
+    checkpoint_step: int | None,
     results: Mapping[str, Mapping[str, float | int | None] | float | int | None],
 ) -> int:
     """Store eval numbers as rows: `{task: {metric: value}}`, or `{task: value}` (metric "value").
@@ -154,12 +181,25 @@ def record_eval_results(
         items = metrics.items() if isinstance(metrics, Mapping) else [("value", metrics)]
         for metric, value in items:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append(EvalResult(job_id=job_id, stage=stage, checkpoint_step=checkpoint_step,
-                                       task=str(task), metric=str(metric), value=float(value)))
+                rows.append(
+                    EvalResult(
+                        job_id=job_id,
+                        stage=stage,
+                        checkpoint_step=checkpoint_step,
+                        task=str(task),
+                        metric=str(metric),
+                        value=float(value),
+                    )
+                )
     begin_write(session)
-    step_match = (EvalResult.checkpoint_step.is_(None) if checkpoint_step is None
-                  else EvalResult.checkpoint_step == checkpoint_step)
-    session.execute(delete(EvalResult).where(EvalResult.job_id == job_id, EvalResult.stage == stage, step_match))
+    step_match = (
+        EvalResult.checkpoint_step.is_(None)
+        if checkpoint_step is None
+        else EvalResult.checkpoint_step == checkpoint_step
+    )
+    session.execute(
+        delete(EvalResult).where(EvalResult.job_id == job_id, EvalResult.stage == stage, step_match)
+    )
     session.add_all(rows)
     try:
         session.commit()

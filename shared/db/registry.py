@@ -51,13 +51,43 @@ from shared.db.outputs import (
 from shared.db.session import begin_write
 
 __all__ = [
-    "TRANSITIONS", "IdempotencyConflict", "IllegalTransition", "JobNotFound", "RegistryError",
-    "acquire_lease", "add_event", "add_metrics", "count_jobs_by_status", "create_job", "create_or_get_job",
-    "fail_stage", "finish_stage", "get_job", "get_lease", "get_metrics", "get_stage", "increment_attempts",
-    "jobs_needing_reconcile", "latest_checkpoint", "latest_checkpoints", "list_artifacts",
-    "list_checkpoints", "list_eval_results", "list_events", "list_jobs", "record_artifact",
-    "record_checkpoint", "record_eval_results", "release_lease", "renew_lease", "request_cancel",
-    "resume_job", "set_job_status", "set_stage_status", "start_stage", "update_progress",
+    "TRANSITIONS",
+    "IdempotencyConflict",
+    "IllegalTransition",
+    "JobNotFound",
+    "RegistryError",
+    "acquire_lease",
+    "add_event",
+    "add_metrics",
+    "count_jobs_by_status",
+    "create_job",
+    "create_or_get_job",
+    "fail_stage",
+    "finish_stage",
+    "get_job",
+    "get_lease",
+    "get_metrics",
+    "get_stage",
+    "increment_attempts",
+    "jobs_needing_reconcile",
+    "latest_checkpoint",
+    "latest_checkpoints",
+    "list_artifacts",
+    "list_checkpoints",
+    "list_eval_results",
+    "list_events",
+    "list_jobs",
+    "record_artifact",
+    "record_checkpoint",
+    "record_eval_results",
+    "release_lease",
+    "renew_lease",
+    "request_cancel",
+    "resume_job",
+    "set_job_status",
+    "set_stage_status",
+    "start_stage",
+    "update_progress",
 ]
 
 
@@ -84,9 +114,7 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
     raise TypeError(f"spec must be a JobSpec or a mapping, got {type(spec).__name__}")
 
 
-def create_or_get_job(
-    session: Session, spec: Any, idempotency_key: str | None = None
-) -> tuple[Job, bool]:
+def create_or_get_job(session: Session, spec: Any, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Insert a queued job with one pending stage row per spec stage; returns (job, created).
 
     With an idempotency key, a second call returns the first job (created=False) as long as the
@@ -264,7 +292,9 @@ def set_job_status(
                 st.finished_at = st.finished_at or now
     if previous != status:
         msg = f"{previous} -> {status}" + (f": {error_message}" if error_message else "")
-        append_event(session, job_id, "status", msg, data={"from": previous, "to": status, "error_code": error_code})
+        append_event(
+            session, job_id, "status", msg, data={"from": previous, "to": status, "error_code": error_code}
+        )
     session.commit()
     return job
 
@@ -323,8 +353,13 @@ def request_cancel(session: Session, job_id: str, *, now: dt.datetime | None = N
             for st in job.stages:
                 if st.status in ("pending", "running"):
                     st.status, st.finished_at = "cancelled", st.finished_at or now
-        append_event(session, job_id, "status", f"{previous} -> {target}: cancel requested",
-               data={"from": previous, "to": target})
+        append_event(
+            session,
+            job_id,
+            "status",
+            f"{previous} -> {target}: cancel requested",
+            data={"from": previous, "to": target},
+        )
     session.commit()
     return job
 
@@ -340,7 +375,9 @@ def resume_job(session: Session, job_id: str) -> Job:
     previous = job.status
     _apply_status(job, "queued", utcnow())  # reopens: clears the end time, error, cancel flag, stages
     job.attempts = 0  # a resumed job gets a fresh set of attempts from the reconciler
-    append_event(session, job_id, "status", f"{previous} -> queued: resumed", data={"from": previous, "to": "queued"})
+    append_event(
+        session, job_id, "status", f"{previous} -> queued: resumed", data={"from": previous, "to": "queued"}
+    )
     session.commit()
     return job
 
@@ -348,7 +385,9 @@ def resume_job(session: Session, job_id: str) -> Job:
 # --- stages --------------------------------------------------------------------------------------
 def get_stage(session: Session, job_id: str, name: str) -> Stage | None:
     return session.scalars(
-        select(Stage).where(Stage.job_id == job_id, Stage.name == name).execution_options(populate_existing=True)
+        select(Stage)
+        .where(Stage.job_id == job_id, Stage.name == name)
+        .execution_options(populate_existing=True)
     ).one_or_none()
 
 
@@ -362,7 +401,12 @@ def _stage_for_write(session: Session, job: Job, name: str) -> Stage:
 
 
 def set_stage_status(
-    session: Session, job_id: str, name: str, status: str, *, error: str | None = None,
+    session: Session,
+    job_id: str,
+    name: str,
+    status: str,
+    *,
+    error: str | None = None,
     outputs: Mapping[str, Any] | None = None,
 ) -> Stage:
     """Set one stage's status directly (e.g. `skipped`); start/finish/fail_stage are the usual path."""
@@ -406,9 +450,7 @@ def start_stage(session: Session, job_id: str, name: str) -> Stage:
     return stage
 
 
-def finish_stage(
-    session: Session, job_id: str, name: str, outputs: Mapping[str, Any] | None = None
-) -> Stage:
+def finish_stage(session: Session, job_id: str, name: str, outputs: Mapping[str, Any] | None = None) -> Stage:
     """Mark a stage succeeded with its outputs (paths, numbers). The job's status is untouched:
     the orchestrator decides whether the job continues or succeeds."""
     begin_write(session)
@@ -418,14 +460,25 @@ def finish_stage(
     stage.started_at = stage.started_at or stage.finished_at
     if outputs is not None:
         stage.outputs = dict(outputs)
-    append_event(session, job_id, "stage_finished", f"stage {name} succeeded", stage=name,
-           data=dict(outputs) if outputs else None)
+    append_event(
+        session,
+        job_id,
+        "stage_finished",
+        f"stage {name} succeeded",
+        stage=name,
+        data=dict(outputs) if outputs else None,
+    )
     session.commit()
     return stage
 
 
 def fail_stage(
-    session: Session, job_id: str, name: str, error: str, *, error_code: str = "stage_failed",
+    session: Session,
+    job_id: str,
+    name: str,
+    error: str,
+    *,
+    error_code: str = "stage_failed",
     fail_job: bool = True,
 ) -> Stage:
     """Mark a stage failed; by default the job fails too with `error_code` and the error text."""
@@ -434,8 +487,14 @@ def fail_stage(
     now = utcnow()
     stage = _stage_for_write(session, job, name)
     stage.status, stage.finished_at, stage.error = "failed", now, error
-    append_event(session, job_id, "stage_failed", f"stage {name} failed: {error}", stage=name,
-           data={"error_code": error_code})
+    append_event(
+        session,
+        job_id,
+        "stage_failed",
+        f"stage {name} failed: {error}",
+        stage=name,
+        data={"error_code": error_code},
+    )
     if fail_job and job.status != "failed":
         previous = job.status
         try:
@@ -447,7 +506,12 @@ def fail_stage(
         for st in job.stages:
             if st.status == "pending":
                 st.status, st.finished_at = "cancelled", now
-        append_event(session, job_id, "status", f"{previous} -> failed: {error}",
-               data={"from": previous, "to": "failed", "error_code": error_code})
+        append_event(
+            session,
+            job_id,
+            "status",
+            f"{previous} -> failed: {error}",
+            data={"from": previous, "to": "failed", "error_code": error_code},
+        )
     session.commit()
     return stage

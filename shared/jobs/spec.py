@@ -34,7 +34,16 @@ JobKind = Literal["pipeline", "pretrain", "sft", "eval"]
 StageName = Literal["data", "tokenizer", "pretrain", "base_eval", "sft", "chat_eval", "export", "serve"]
 
 # Pipeline order; a job's stages always run in this order.
-STAGES: tuple[str, ...] = ("data", "tokenizer", "pretrain", "base_eval", "sft", "chat_eval", "export", "serve")
+STAGES: tuple[str, ...] = (
+    "data",
+    "tokenizer",
+    "pretrain",
+    "base_eval",
+    "sft",
+    "chat_eval",
+    "export",
+    "serve",
+)
 DEFAULT_STAGES: dict[str, tuple[str, ...]] = {
     "pipeline": STAGES,
     "pretrain": ("data", "tokenizer", "pretrain", "base_eval"),
@@ -57,9 +66,7 @@ MAX_DEVICE_MEMORY_BYTES = 256 * 10**9
 def field_error(loc: tuple[str | int, ...], message: str, value: Any) -> ValidationError:
     """A ValidationError located at `loc`, for checks that span several fields."""
     err = PydanticCustomError("value_error", "{reason}", {"reason": message})
-    return ValidationError.from_exception_data(
-        "JobSpec", [InitErrorDetails(type=err, loc=loc, input=value)]
-    )
+    return ValidationError.from_exception_data("JobSpec", [InitErrorDetails(type=err, loc=loc, input=value)])
 
 
 class _Strict(BaseModel):
@@ -73,10 +80,16 @@ class ModelSpec(_Strict):
     aspect_ratio: int = Field(default=64, ge=1, le=1024, description="model_dim ~= depth * aspect_ratio")
     head_dim: int = Field(default=128, ge=8, le=512, description="Channels per attention head (even)")
     n_kv_head: int | None = Field(default=None, ge=1, description="Key/value heads (GQA); None = n_head")
-    window_pattern: str = Field(default="SSSL", pattern=r"^[SLsl]+$", max_length=64,
-                                description="Sliding-window pattern tiled over layers: S short, L long")
+    window_pattern: str = Field(
+        default="SSSL",
+        pattern=r"^[SLsl]+$",
+        max_length=64,
+        description="Sliding-window pattern tiled over layers: S short, L long",
+    )
     sequence_len: int = Field(default=2048, ge=16, le=131072)
-    vocab_size: int = Field(default=32768, ge=265, le=1 << 20, description="Tokenizer vocabulary incl. 9 specials")
+    vocab_size: int = Field(
+        default=32768, ge=265, le=1 << 20, description="Tokenizer vocabulary incl. 9 specials"
+    )
 
     @field_validator("head_dim")
     @classmethod
@@ -88,8 +101,11 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _shape(self) -> ModelSpec:
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise field_error(("n_kv_head",), f"n_kv_head ({self.n_kv_head}) must divide n_head "
-                              f"({self.n_head} for depth {self.depth})", self.n_kv_head)
+            raise field_error(
+                ("n_kv_head",),
+                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head} for depth {self.depth})",
+                self.n_kv_head,
+            )
         return self
 
     @property
@@ -105,18 +121,26 @@ class ModelSpec(_Strict):
         from shared.nanochat.config import GPTConfig
 
         return GPTConfig.from_depth(
-            self.depth, vocab_size=self.vocab_size, sequence_len=self.sequence_len,
-            aspect_ratio=self.aspect_ratio, head_dim=self.head_dim, n_kv_head=self.n_kv_head,
+            self.depth,
+            vocab_size=self.vocab_size,
+            sequence_len=self.sequence_len,
+            aspect_ratio=self.aspect_ratio,
+            head_dim=self.head_dim,
+            n_kv_head=self.n_kv_head,
             window_pattern=self.window_pattern.upper(),
         )
 
 
 class DataSpec(_Strict):
     source: Literal["demo", "local", "remote"] = "demo"
-    path: str | None = Field(default=None, description="local: the corpus (file, folder or glob) under an allowed root")
+    path: str | None = Field(
+        default=None, description="local: the corpus (file, folder or glob) under an allowed root"
+    )
     repo: str | None = Field(default=None, description="remote: Hugging Face dataset repo id")
     base_url: str | None = Field(default=None, description="remote: base URL of the shard files")
-    num_shards: int | None = Field(default=None, ge=2, description="Shards incl. the last (validation) one; None = default/all")
+    num_shards: int | None = Field(
+        default=None, ge=2, description="Shards incl. the last (validation) one; None = default/all"
+    )
     text_column: str = Field(default="text", min_length=1, max_length=128)
 
     @field_validator("base_url")
@@ -140,13 +164,17 @@ class DataSpec(_Strict):
         if self.source == "remote" and not (self.repo or self.base_url):
             raise field_error(("base_url",), "data.source 'remote' needs data.base_url or data.repo", None)
         if self.source == "demo" and (self.repo or self.base_url):
-            raise field_error(("source",), "data.repo/base_url are only used with source 'remote'", self.source)
+            raise field_error(
+                ("source",), "data.repo/base_url are only used with source 'remote'", self.source
+            )
         return self
 
 
 class TokenizerSpec(_Strict):
     vocab_size: int | None = Field(default=None, ge=265, le=1 << 20, description="None = model.vocab_size")
-    max_chars: int = Field(default=2_000_000_000, ge=1000, description="Characters of corpus to train the BPE on")
+    max_chars: int = Field(
+        default=2_000_000_000, ge=1000, description="Characters of corpus to train the BPE on"
+    )
 
 
 class HorizonSpec(_Strict):
@@ -158,16 +186,26 @@ class HorizonSpec(_Strict):
 
     @model_validator(mode="after")
     def _one(self) -> HorizonSpec:
-        given = [n for n in ("num_iterations", "target_param_data_ratio", "target_flops") if getattr(self, n) is not None]
+        given = [
+            n
+            for n in ("num_iterations", "target_param_data_ratio", "target_flops")
+            if getattr(self, n) is not None
+        ]
         if len(given) > 1:
-            raise field_error((given[1],), f"set only one of num_iterations, target_param_data_ratio, "
-                              f"target_flops (got {', '.join(given)})", getattr(self, given[1]))
+            raise field_error(
+                (given[1],),
+                f"set only one of num_iterations, target_param_data_ratio, "
+                f"target_flops (got {', '.join(given)})",
+                getattr(self, given[1]),
+            )
         return self
 
 
 class BatchSpec(_Strict):
     device_batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per GPU per micro-step")
-    total_batch_size: int | None = Field(default=None, ge=1, description="Tokens per optimizer step; None = auto")
+    total_batch_size: int | None = Field(
+        default=None, ge=1, description="Tokens per optimizer step; None = auto"
+    )
 
 
 class OptimSpec(_Strict):
@@ -175,7 +213,9 @@ class OptimSpec(_Strict):
     unembedding_lr: float = Field(default=0.008, gt=0, le=10)
     matrix_lr: float = Field(default=0.02, gt=0, le=10)
     scalar_lr: float = Field(default=0.5, gt=0, le=10)
-    weight_decay: float | None = Field(default=None, ge=0, le=10, description="None = auto from depth and batch")
+    weight_decay: float | None = Field(
+        default=None, ge=0, le=10, description="None = auto from depth and batch"
+    )
     warmup_steps: int = Field(default=40, ge=0)
     warmdown_ratio: float = Field(default=0.65, ge=0, le=1)
 
@@ -184,17 +224,23 @@ class EvalSpec(_Strict):
     every: int = Field(default=250, ge=0, description="Validation bpb every N steps; 0 = only at the end")
     tokens: int = Field(default=20 * 524288, ge=1, description="Validation tokens per bpb evaluation")
     core_max_per_task: int | None = Field(default=500, ge=1, description="CORE examples per task; None = all")
-    chat_max_per_task: int | None = Field(default=None, ge=1, description="Chat-eval problems per task; None = all")
+    chat_max_per_task: int | None = Field(
+        default=None, ge=1, description="Chat-eval problems per task; None = all"
+    )
 
 
 class CheckpointSpec(_Strict):
-    every: int = Field(default=1000, ge=0, description="Save every N steps (and at the end); 0 = only at the end")
+    every: int = Field(
+        default=1000, ge=0, description="Save every N steps (and at the end); 0 = only at the end"
+    )
     keep_last: int = Field(default=3, ge=1, le=1000)
 
 
 class SFTSource(_Strict):
     kind: Literal["demo", "conversations", "smoltalk", "mmlu", "gsm8k"] = "demo"
-    path: str | None = Field(default=None, description="Local file/folder under an allowed root (not for 'demo')")
+    path: str | None = Field(
+        default=None, description="Local file/folder under an allowed root (not for 'demo')"
+    )
     repeat: int = Field(default=1, ge=1, le=100, description="Epochs of this source in the mixture")
 
     @model_validator(mode="after")
@@ -231,9 +277,13 @@ class HardwareSpec(_Strict):
 class JobSpec(_Strict):
     kind: JobKind = "pipeline"
     name: str | None = Field(default=None, max_length=200, description="Free-form label")
-    stages: list[StageName] | None = Field(default=None, description="Stages to run; None = the kind's default")
+    stages: list[StageName] | None = Field(
+        default=None, description="Stages to run; None = the kind's default"
+    )
     parent_job_id: str | None = Field(
-        default=None, max_length=64, pattern=r"^[A-Za-z0-9-]+$",
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9-]+$",
         description="Job whose run folder supplies the tokenizer/checkpoints when this job does not pretrain",
     )
     model: ModelSpec = Field(default_factory=lambda: ModelSpec())
@@ -267,11 +317,18 @@ class JobSpec(_Strict):
             object.__setattr__(self, "stages", list(DEFAULT_STAGES[self.kind]))
         stages = set(self.stages or ())
         if "pretrain" not in stages and stages & _NEEDS_MODEL and not self.parent_job_id:
-            raise field_error(("parent_job_id",), f"stages {sorted(stages & _NEEDS_MODEL)} need a model: "
-                              "add 'pretrain' or give parent_job_id", None)
+            raise field_error(
+                ("parent_job_id",),
+                f"stages {sorted(stages & _NEEDS_MODEL)} need a model: add 'pretrain' or give parent_job_id",
+                None,
+            )
         if self.tokenizer.vocab_size is not None and self.tokenizer.vocab_size != self.model.vocab_size:
-            raise field_error(("tokenizer", "vocab_size"), f"tokenizer.vocab_size ({self.tokenizer.vocab_size}) "
-                              f"must equal model.vocab_size ({self.model.vocab_size})", self.tokenizer.vocab_size)
+            raise field_error(
+                ("tokenizer", "vocab_size"),
+                f"tokenizer.vocab_size ({self.tokenizer.vocab_size}) "
+                f"must equal model.vocab_size ({self.model.vocab_size})",
+                self.tokenizer.vocab_size,
+            )
         self._check_batch()
         self._check_paths(info)
         self._check_fits()
@@ -283,9 +340,12 @@ class JobSpec(_Strict):
             return
         micro = self.batch.device_batch_size * self.model.sequence_len * self.hardware.world_size
         if total % micro:
-            raise field_error(("batch", "total_batch_size"),
-                              f"total_batch_size ({total} tokens) must be a multiple of device_batch_size x "
-                              f"sequence_len x GPUs = {micro}", total)
+            raise field_error(
+                ("batch", "total_batch_size"),
+                f"total_batch_size ({total} tokens) must be a multiple of device_batch_size x "
+                f"sequence_len x GPUs = {micro}",
+                total,
+            )
 
     def _check_paths(self, info: ValidationInfo) -> None:
         roots = _allowed_roots(info)
@@ -302,11 +362,13 @@ class JobSpec(_Strict):
     def _check_fits(self) -> None:
         per_gpu = training_memory_floor(self.model, self.hardware.world_size)
         if per_gpu > MAX_DEVICE_MEMORY_BYTES:
-            raise field_error(("model", "depth"),
-                              f"depth {self.model.depth} needs at least {per_gpu / 1e9:.0f} GB per GPU for "
-                              f"weights, gradients and optimizer state over {self.hardware.world_size} GPU(s); "
-                              f"no supported accelerator has more than {MAX_DEVICE_MEMORY_BYTES / 1e9:.0f} GB",
-                              self.model.depth)
+            raise field_error(
+                ("model", "depth"),
+                f"depth {self.model.depth} needs at least {per_gpu / 1e9:.0f} GB per GPU for "
+                f"weights, gradients and optimizer state over {self.hardware.world_size} GPU(s); "
+                f"no supported accelerator has more than {MAX_DEVICE_MEMORY_BYTES / 1e9:.0f} GB",
+                self.model.depth,
+            )
 
     def resolved_stages(self) -> list[str]:
         return list(self.stages or DEFAULT_STAGES[self.kind])
@@ -339,8 +401,14 @@ def demo_spec(**overrides: Any) -> JobSpec:
     data: dict[str, Any] = {
         "kind": "pipeline",
         "name": "demo",
-        "model": {"depth": 2, "aspect_ratio": 64, "head_dim": 64, "window_pattern": "L",
-                  "sequence_len": 256, "vocab_size": 1024},
+        "model": {
+            "depth": 2,
+            "aspect_ratio": 64,
+            "head_dim": 64,
+            "window_pattern": "L",
+            "sequence_len": 256,
+            "vocab_size": 1024,
+        },
         "data": {"source": "demo", "num_shards": 4},
         "tokenizer": {"vocab_size": 1024, "max_chars": 2_000_000},
         "horizon": {"num_iterations": 40},

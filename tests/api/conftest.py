@@ -76,8 +76,12 @@ def sessions(db_url: str):
 def settings(db_url: str, tmp_path: Path) -> Settings:
     home = tmp_path / "ncp_home"
     # Embedded broker in the test's own folder: enqueued messages land in a throwaway file.
-    return Settings(home=home, database_url=db_url, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
-                    inference_url=f"http://127.0.0.1:{free_port()}")
+    return Settings(
+        home=home,
+        database_url=db_url,
+        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        inference_url=f"http://127.0.0.1:{free_port()}",
+    )
 
 
 def free_port() -> int:
@@ -94,8 +98,9 @@ class LiveServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -128,8 +128,17 @@ def test_status_shows_progress_checkpoint_and_errors(client, demo):
             r.start_stage(s, jid, name)
             r.finish_stage(s, jid, name, {"ok": True})
         r.start_stage(s, jid, "pretrain")
-        r.update_progress(s, jid, step=20, total_steps=40, loss=3.25, tokens_per_sec=5000.0, mfu=0.3,
-                          eta_seconds=12.0, peak_memory=123)
+        r.update_progress(
+            s,
+            jid,
+            step=20,
+            total_steps=40,
+            loss=3.25,
+            tokens_per_sec=5000.0,
+            mfu=0.3,
+            eta_seconds=12.0,
+            peak_memory=123,
+        )
         r.record_checkpoint(s, jid, "pretrain", 20, "/ck/d2", "base", val_bpb=2.5)
         r.add_metrics(s, jid, "pretrain", 20, {"loss": 3.25, "val_bpb": 2.5})
         r.record_eval_results(s, jid, "base_eval", 20, {"core": {"centered": 0.01}})
@@ -138,7 +147,13 @@ def test_status_shows_progress_checkpoint_and_errors(client, demo):
     assert {s["name"]: s["status"] for s in job["stages"]}["tokenizer"] == "succeeded"
     p = job["progress"]
     assert (p["step"], p["total_steps"], p["loss"], p["tokens_per_sec"], p["mfu"], p["eta_seconds"]) == (
-        20, 40, 3.25, 5000.0, 0.3, 12.0)
+        20,
+        40,
+        3.25,
+        5000.0,
+        0.3,
+        12.0,
+    )
     assert p["stage_percent"] == 50.0
     assert p["percent"] == pytest.approx(100 * 2.5 / len(demo["stages"]), abs=0.01)
     assert job["latest_checkpoint"]["step"] == 20 and job["latest_checkpoint"]["val_bpb"] == 2.5
@@ -157,7 +172,11 @@ def test_status_shows_progress_checkpoint_and_errors(client, demo):
     with client.app.state.session_factory() as s:
         r.fail_stage(s, jid, "pretrain", "NaN loss", error_code="nan_loss")
     job = client.get(f"/jobs/{jid}").json()
-    assert job["status"] == "failed" and job["error"]["code"] == "nan_loss" and "NaN loss" in job["error"]["message"]
+    assert (
+        job["status"] == "failed"
+        and job["error"]["code"] == "nan_loss"
+        and "NaN loss" in job["error"]["message"]
+    )
 
     events = client.get(f"/jobs/{jid}/events").json()
     seqs = [e["seq"] for e in events["data"]]
@@ -204,7 +223,10 @@ def test_bearer_auth(settings, demo):
         assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized"
         assert resp.headers["www-authenticate"] == "Bearer"
         assert c.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert c.post("/jobs", json=demo, headers={"Authorization": "Basic s3cret-token-value"}).status_code == 401
+        assert (
+            c.post("/jobs", json=demo, headers={"Authorization": "Basic s3cret-token-value"}).status_code
+            == 401
+        )
         ok = {"Authorization": "Bearer s3cret-token-value"}
         assert c.post("/jobs", json=demo, headers=ok).status_code == 202
         assert c.get("/jobs", headers=ok).json()["count"] == 1
@@ -219,7 +241,9 @@ def test_refuses_insecure_bind(settings):
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_database_down_is_503_not_a_crash(settings):
-    down = settings.model_copy(update={"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"})
+    down = settings.model_copy(
+        update={"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"}
+    )
     with TestClient(create_app(down)) as c:
         resp = c.get("/jobs")
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "database_unavailable"
@@ -270,7 +294,9 @@ def test_served_models(client, settings):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         settings.serving_dir.mkdir(parents=True, exist_ok=True)
-        (settings.serving_dir / "current.json").write_text(json.dumps({"model": "demo-d2", "path": "/x/export"}))
+        (settings.serving_dir / "current.json").write_text(
+            json.dumps({"model": "demo-d2", "path": "/x/export"})
+        )
         body = client.get("/models/served").json()
         assert body["current"] == {"model": "demo-d2", "path": "/x/export"}
         assert body["live"]["reachable"] and body["live"]["models"][0]["id"] == "demo-d2"
@@ -281,7 +307,9 @@ def test_served_models(client, settings):
 
 def test_openapi_documents_jobspec(client):
     doc = client.get("/openapi.json").json()
-    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events", "/jobs/{job_id}/cancel", "/readyz"} <= set(doc["paths"])
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events", "/jobs/{job_id}/cancel", "/readyz"} <= set(
+        doc["paths"]
+    )
     body = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/JobSpec"}
     schemas = doc["components"]["schemas"]

@@ -28,7 +28,9 @@ def drive(db_url: str, job_id: str, *, fail: bool = False, delay: float = 0.05) 
                 for stage in ("data", "tokenizer", "pretrain"):
                     r.start_stage(s, job_id, stage)
                     for step in range(0, 3):
-                        r.update_progress(s, job_id, step=step, total_steps=3, loss=4.0 - step, eta_seconds=3 - step)
+                        r.update_progress(
+                            s, job_id, step=step, total_steps=3, loss=4.0 - step, eta_seconds=3 - step
+                        )
                         r.add_event(s, job_id, "progress", f"{stage} step {step}", stage=stage)
                         time.sleep(delay)
                     if fail and stage == "pretrain":
@@ -60,8 +62,11 @@ def test_sse_follows_job_until_it_ends(live_server, db_url):
     assert sum(e.event == "progress" for e in body) == 9
 
     # A reconnecting client sends Last-Event-ID and gets only what came after it.
-    with httpx.stream("GET", f"{live_server.url}/jobs/{job['id']}/events",
-                      headers={"Accept": "text/event-stream", "Last-Event-ID": str(seqs[-3])}) as resp:
+    with httpx.stream(
+        "GET",
+        f"{live_server.url}/jobs/{job['id']}/events",
+        headers={"Accept": "text/event-stream", "Last-Event-ID": str(seqs[-3])},
+    ) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         again = list(parse_sse(resp.iter_lines()))
     assert [int(e.id) for e in again if e.event != "end"] == seqs[-2:]
@@ -76,18 +81,38 @@ def test_sse_unknown_job_is_404(live_server):
 
 
 def test_parse_sse_handles_comments_and_multiline():
-    lines = [": ping", "id: 3", "event: log", "data: a", "data: b", "", "data: {\"x\": 1}", ""]
+    lines = [": ping", "id: 3", "event: log", "data: a", "data: b", "", 'data: {"x": 1}', ""]
     evs = list(parse_sse(iter(lines)))
     assert [(e.id, e.event, e.data) for e in evs] == [("3", "log", "a\nb"), (None, "message", '{"x": 1}')]
     assert evs[1].json() == {"x": 1}
 
 
 def test_progress_line():
-    job = {"id": "12345678-abcd", "status": "running", "current_stage": "pretrain", "error": None,
-           "progress": {"percent": 40.0, "stage_percent": 50.0, "step": 100, "total_steps": 200, "loss": 3.14159,
-                        "tokens_per_sec": 68000.0, "mfu": 0.275, "eta_seconds": 3725}}
+    job = {
+        "id": "12345678-abcd",
+        "status": "running",
+        "current_stage": "pretrain",
+        "error": None,
+        "progress": {
+            "percent": 40.0,
+            "stage_percent": 50.0,
+            "step": 100,
+            "total_steps": 200,
+            "loss": 3.14159,
+            "tokens_per_sec": 68000.0,
+            "mfu": 0.275,
+            "eta_seconds": 3725,
+        },
+    }
     line = progress_line(job)
-    for part in ("stage pretrain", "step 100/200 (50%)", "loss 3.1416", "68.0k tok/s", "MFU 27.5%", "ETA 1h02m"):
+    for part in (
+        "stage pretrain",
+        "step 100/200 (50%)",
+        "loss 3.1416",
+        "68.0k tok/s",
+        "MFU 27.5%",
+        "ETA 1h02m",
+    ):
         assert part in line, part
 
 
@@ -98,12 +123,17 @@ def test_cli_jobs_commands(live_server, db_url, monkeypatch, capsys, tmp_path):
 
     get_settings.cache_clear()
 
-    assert ncp(["jobs", "submit", "--preset", "demo", "--set", "seed=7", "--set", "name=cli-test", "--json"]) == 0
+    assert (
+        ncp(["jobs", "submit", "--preset", "demo", "--set", "seed=7", "--set", "name=cli-test", "--json"])
+        == 0
+    )
     job = json.loads(capsys.readouterr().out)
     assert job["spec"]["seed"] == 7 and job["name"] == "cli-test" and job["status"] == "queued"
 
     spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(demo_spec(stages=["data", "tokenizer", "pretrain"]).model_dump(mode="json")))
+    spec_file.write_text(
+        json.dumps(demo_spec(stages=["data", "tokenizer", "pretrain"]).model_dump(mode="json"))
+    )
     assert ncp(["jobs", "submit", "--spec", str(spec_file), "--depth", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("submitted job ") and "stages: data, tokenizer, pretrain" in out
@@ -218,8 +248,11 @@ def test_sse_reports_registry_loss_and_ends(tmp_path):
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         upgrade(pg_url(name))
-        settings = Settings(home=tmp_path / "home", database_url=pg_url(name),
-                            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+        settings = Settings(
+            home=tmp_path / "home",
+            database_url=pg_url(name),
+            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        )
         app = create_app(settings)
         app.state.sse_poll_seconds = 0.05
         with LiveServer(app) as srv, JobsClient(srv.url) as client:

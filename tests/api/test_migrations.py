@@ -49,7 +49,9 @@ def test_upgrade_matches_models_and_downgrades(empty_db):
     engine = make_engine(empty_db)
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+            diff = compare_metadata(
+                MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+            )
     finally:
         engine.dispose()
     assert diff == [], f"models and migrations disagree: {diff}"
@@ -78,7 +80,9 @@ def test_api_does_not_create_tables(tmp_path):
     from shared.settings import Settings
 
     url = f"sqlite:///{tmp_path / 'unmigrated.db'}"
-    app = create_app(Settings(home=tmp_path, database_url=url, broker_url=f"sqla+sqlite:///{tmp_path / 'b.db'}"))
+    app = create_app(
+        Settings(home=tmp_path, database_url=url, broker_url=f"sqla+sqlite:///{tmp_path / 'b.db'}")
+    )
     with TestClient(app) as client:
         r = client.get("/readyz")
         assert r.status_code == 503 and "ncp db upgrade" in r.json()["error"]["message"]

@@ -87,8 +87,17 @@ def test_stage_lifecycle_and_progress(sessions):
         assert job.status == "running" and job.current_stage == "data"
         r.finish_stage(s, jid, "data", {"shards": 4})
         r.start_stage(s, jid, "pretrain")
-        r.update_progress(s, jid, step=10, total_steps=40, loss=3.5, tokens_per_sec=1234.0, mfu=0.1,
-                          eta_seconds=30.0, peak_memory_bytes=2**30)
+        r.update_progress(
+            s,
+            jid,
+            step=10,
+            total_steps=40,
+            loss=3.5,
+            tokens_per_sec=1234.0,
+            mfu=0.1,
+            eta_seconds=30.0,
+            peak_memory_bytes=2**30,
+        )
         job = r.get_job(s, jid)
         assert (job.step, job.total_steps, job.loss, job.peak_memory) == (10, 40, 3.5, 2**30)
         with pytest.raises(ValueError, match="bogus"):
@@ -118,7 +127,9 @@ def test_metrics_checkpoints_artifacts_evals(sessions):
     with sessions() as s:
         jid = r.create_job(s, demo_spec()).id
         for step in range(3):
-            assert r.add_metrics(s, jid, "pretrain", step, {"loss": 4.0 - step, "lr": None, "flag": True}) == 1
+            assert (
+                r.add_metrics(s, jid, "pretrain", step, {"loss": 4.0 - step, "lr": None, "flag": True}) == 1
+            )
         r.add_metrics(s, jid, "pretrain", 2, {"val_bpb": 1.9})
         assert [m.value for m in r.get_metrics(s, jid, names=["loss"])] == [4.0, 3.0, 2.0]
         assert [m.step for m in r.get_metrics(s, jid, after_step=1)] == [2, 2]
@@ -263,8 +274,14 @@ def test_list_jobs_pagination(sessions):
 def test_concurrent_checkpoint_and_artifact_upserts_keep_one_row(db_url, sessions):
     with sessions() as s:
         jid = r.create_job(s, demo_spec()).id
-    _race(db_url, 4, lambda s, i: (r.record_checkpoint(s, jid, "pretrain", 50, f"/ck/{i}", "base"),
-                                   r.record_artifact(s, jid, "export", f"/ex/{i}", "export")))
+    _race(
+        db_url,
+        4,
+        lambda s, i: (
+            r.record_checkpoint(s, jid, "pretrain", 50, f"/ck/{i}", "base"),
+            r.record_artifact(s, jid, "export", f"/ex/{i}", "export"),
+        ),
+    )
     with sessions() as s:
         assert [c.step for c in r.list_checkpoints(s, jid)] == [50]
         assert [a.name for a in r.list_artifacts(s, jid)] == ["export"]
@@ -282,13 +299,16 @@ def test_random_operation_sequences_keep_job_invariants(sessions):
 
     from shared.db.models import JOB_STATUSES, TERMINAL_STATUSES
 
-    ops = st.lists(st.one_of(
-        st.tuples(st.just("status"), st.sampled_from(JOB_STATUSES)),
-        st.tuples(st.just("cancel"), st.none()),
-        st.tuples(st.just("resume"), st.none()),
-        st.tuples(st.just("stage"), st.sampled_from(["data", "pretrain"])),
-        st.tuples(st.just("lease"), st.booleans()),
-    ), max_size=12)
+    ops = st.lists(
+        st.one_of(
+            st.tuples(st.just("status"), st.sampled_from(JOB_STATUSES)),
+            st.tuples(st.just("cancel"), st.none()),
+            st.tuples(st.just("resume"), st.none()),
+            st.tuples(st.just("stage"), st.sampled_from(["data", "pretrain"])),
+            st.tuples(st.just("lease"), st.booleans()),
+        ),
+        max_size=12,
+    )
 
     @settings(max_examples=30, deadline=None)
     @given(ops)

@@ -89,7 +89,13 @@ def test_data_path_must_stay_under_allowed_roots(tmp_path):
     ok = {"data": {"source": "local", "path": str(extra / "corpus")}}
     assert JobSpec.model_validate(ok, context={"roots": roots}).data.path == str(extra / "corpus")
     JobSpec.model_validate({"data": {"source": "local", "path": "corpus/shards"}}, context={"roots": roots})
-    for escape in ["../elsewhere", str(outside), "/etc/passwd", str(home / "link" / "x"), "corpus/../../elsewhere"]:
+    for escape in [
+        "../elsewhere",
+        str(outside),
+        "/etc/passwd",
+        str(home / "link" / "x"),
+        "corpus/../../elsewhere",
+    ]:
         field, msg = bad_field({"data": {"source": "local", "path": escape}}, roots)
         assert field == "data.path" and "outside the allowed data roots" in msg, escape
     field, _ = bad_field({"sft": {"sources": [{"kind": "conversations", "path": "/etc"}]}}, roots)
@@ -116,10 +122,14 @@ def test_roots_default_to_settings(tmp_path, monkeypatch):
     kind=st.sampled_from(["pipeline", "pretrain"]),
 )
 def test_valid_specs_round_trip(depth, iters, dbs, gpus, kind):
-    spec = JobSpec.model_validate({
-        "kind": kind, "model": {"depth": depth, "sequence_len": 512},
-        "horizon": {"num_iterations": iters}, "hardware": {"gpus": gpus},
-        "batch": {"device_batch_size": dbs, "total_batch_size": dbs * 512 * gpus * 2},
-    })
+    spec = JobSpec.model_validate(
+        {
+            "kind": kind,
+            "model": {"depth": depth, "sequence_len": 512},
+            "horizon": {"num_iterations": iters},
+            "hardware": {"gpus": gpus},
+            "batch": {"device_batch_size": dbs, "total_batch_size": dbs * 512 * gpus * 2},
+        }
+    )
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
     assert spec.stages == list(DEFAULT_STAGES[kind])

@@ -22,8 +22,14 @@ sys.meta_path.insert(0, _NoTorch())
 def run(code: str, tmp_path, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NCP_")}
     env.update(NCP_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-c", NO_TORCH + code], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH + code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_blocker_really_blocks(tmp_path):
@@ -40,7 +46,8 @@ def test_migrations_and_api_run_without_torch(tmp_path):
         "with TestClient(create_app()) as c:\n"
         "    r = c.get('/healthz'); assert r.status_code == 200, r.text\n"
         "print('ok')\n",
-        tmp_path, timeout=120,
+        tmp_path,
+        timeout=120,
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 

@@ -14,7 +14,8 @@ from tests.deploy.conftest import REPO, check_command, setting_env_names
 
 COMPOSE = shutil.which("docker-compose")
 pytestmark = pytest.mark.skipif(
-    COMPOSE is None, reason="docker-compose binary missing (apt-get install docker-compose; .ci/run installs it)"
+    COMPOSE is None,
+    reason="docker-compose binary missing (apt-get install docker-compose; .ci/run installs it)",
 )
 COMBOS = {
     "rocm": ["compose.yaml"],
@@ -24,8 +25,15 @@ COMBOS = {
 }
 # Non-NCP keys the services may set: vendor runtime settings and the Postgres image's own.
 VENDOR_ENV = {
-    "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "HIP_FORCE_DEV_KERNARG", "HSA_OVERRIDE_GFX_VERSION",
-    "PYTORCH_ALLOC_CONF", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PYTHONPATH",
+    "HIP_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
+    "HIP_FORCE_DEV_KERNARG",
+    "HSA_OVERRIDE_GFX_VERSION",
+    "PYTORCH_ALLOC_CONF",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_DB",
+    "PYTHONPATH",
 }
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret-1234", "NCP_API_TOKEN": "token-abcdef-123456"}
 
@@ -35,7 +43,9 @@ def compose(files: list[str], env_file, *args: str) -> subprocess.CompletedProce
     for f in files:
         cmd += ["-f", str(REPO / f)]
     # The caller's environment must not satisfy a secret the env file leaves out.
-    env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith(("NCP_", "POSTGRES_"))}
+    env = {
+        k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith(("NCP_", "POSTGRES_"))
+    }
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -85,7 +95,9 @@ def test_env_keys_are_settings(configs):
         for sname, svc in cfg["services"].items():
             for key in svc.get("environment", {}):
                 if key.startswith("NCP_"):
-                    assert key in known, f"{name}/{sname} sets {key}, which is no field of shared.settings.Settings"
+                    assert key in known, (
+                        f"{name}/{sname} sets {key}, which is no field of shared.settings.Settings"
+                    )
                 else:
                     assert key in VENDOR_ENV, f"{name}/{sname} sets unexpected non-NCP key {key}"
 
@@ -108,8 +120,10 @@ def test_env_values_parse_as_settings(configs, monkeypatch):
 
 
 def test_missing_secret_fails_fast(tmp_path):
-    for missing, message in (("POSTGRES_PASSWORD", "POSTGRES_PASSWORD is not set"),
-                             ("NCP_API_TOKEN", "NCP_API_TOKEN is not set")):
+    for missing, message in (
+        ("POSTGRES_PASSWORD", "POSTGRES_PASSWORD is not set"),
+        ("NCP_API_TOKEN", "NCP_API_TOKEN is not set"),
+    ):
         env_file = tmp_path / f"no-{missing}.env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items() if k != missing))
         for files in COMBOS.values():
@@ -122,7 +136,9 @@ def test_env_example_is_complete_and_placeholder(configs, tmp_path):
     example = REPO / ".env.example"
     r = compose(COMBOS["rocm"], example, "config")
     assert r.returncode == 0, r.stderr  # every required variable is in the example...
-    values = dict(line.split("=", 1) for line in example.read_text().splitlines() if line and not line.startswith("#"))
+    values = dict(
+        line.split("=", 1) for line in example.read_text().splitlines() if line and not line.startswith("#")
+    )
     from shared.settings import PLACEHOLDER_SECRETS
 
     for secret in SECRETS:  # ...but as a placeholder the services reject

@@ -44,13 +44,23 @@ def arg_defaults(ins: list[tuple[str, str]]) -> dict[str, str]:
 
 def test_the_six_images_exist():
     assert {p.name.removesuffix(".Dockerfile") for p in DOCKERFILES} == {
-        "api", "worker-cpu", "train-rocm", "train-cuda", "inference-rocm", "inference-cuda"}
+        "api",
+        "worker-cpu",
+        "train-rocm",
+        "train-cuda",
+        "inference-rocm",
+        "inference-cuda",
+    }
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_clean(path):
-    r = subprocess.run([hadolint(), "--config", str(REPO / ".hadolint.yaml"), str(path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [hadolint(), "--config", str(REPO / ".hadolint.yaml"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -58,8 +68,12 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     """The lint gate itself works: an unpinned base and a root user are findings."""
     bad = tmp_path / "bad.Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install requests\nCMD python app.py\n")
-    r = subprocess.run([hadolint(), "--config", str(REPO / ".hadolint.yaml"), str(bad)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [hadolint(), "--config", str(REPO / ".hadolint.yaml"), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "DL3007" in r.stdout
 
 
@@ -79,14 +93,15 @@ def test_structure(path):
     assert users and users[-1] not in ("root", "0"), "the runtime stage must run as a non-root user"
     assert any(k == "HEALTHCHECK" for k, _ in ins), "HEALTHCHECK missing"
     # Dependencies are installed from the pyproject-only requirements before our wheel arrives.
-    runtime = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM"):]
+    runtime = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM") :]
     runs = [a for k, a in runtime if k == "RUN"]
     dep_install = next(i for i, a in enumerate(runs) if "-r /tmp/requirements.txt" in a)
     wheel_install = next(i for i, a in enumerate(runs) if "--no-deps /tmp/wheels" in a)
     assert dep_install < wheel_install
     reqs_stage = ins[: next(i for i, (k, a) in enumerate(ins) if k == "FROM" and a.endswith("AS wheel"))]
-    assert not any(k == "COPY" and ("shared" in a or "services" in a) for k, a in reqs_stage), \
+    assert not any(k == "COPY" and ("shared" in a or "services" in a) for k, a in reqs_stage), (
         "the requirements stage must not depend on the source tree"
+    )
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -103,7 +118,9 @@ def test_torch_is_never_installed_unpinned(path):
             if torch:
                 assert name not in GPU_IMAGES, f"{name} installs torch over the GPU image's own build"
                 assert all(re.fullmatch(r"torch==\S+", t) for t in torch), step
-                assert "download.pytorch.org/whl/cpu" in step, f"CPU torch must come from the CPU index: {step}"
+                assert "download.pytorch.org/whl/cpu" in step, (
+                    f"CPU torch must come from the CPU index: {step}"
+                )
     if name in GPU_IMAGES:
         text = path.read_text()
         assert "-c /tmp/constraints.txt" in text, "GPU images pin their installed torch with a constraint"
@@ -113,9 +130,13 @@ def test_requirements_helper_has_no_torch_and_validates_names(tmp_path):
     helper = [sys.executable, str(DOCKER / "requirements.py"), str(REPO / "pyproject.toml")]
     core = subprocess.run(helper, capture_output=True, text=True, check=True).stdout.split()
     assert core and not any(r.startswith("torch") for r in core)
-    cpu = subprocess.run([*helper, "--extra", "cpu"], capture_output=True, text=True, check=True).stdout.split()
+    cpu = subprocess.run(
+        [*helper, "--extra", "cpu"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert "torch==2.13.0" in cpu
-    only = subprocess.run([*helper, "--only", "httpx,safetensors"], capture_output=True, text=True, check=True)
+    only = subprocess.run(
+        [*helper, "--only", "httpx,safetensors"], capture_output=True, text=True, check=True
+    )
     assert sorted(r.split(">")[0] for r in only.stdout.split()) == ["httpx", "safetensors"]
     bad = subprocess.run([*helper, "--only", "httpx,not-a-dep"], capture_output=True, text=True)
     assert bad.returncode != 0 and "not-a-dep" in bad.stderr
@@ -142,8 +163,11 @@ def test_inference_images_register_the_vllm_plugin():
 
 
 def test_dockerignore_admits_what_the_images_copy():
-    allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.startswith("!")}
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
     for path in DOCKERFILES:
         for k, a in instructions(path):
             if k == "COPY" and not a.startswith("--from"):

@@ -14,9 +14,11 @@ DOC = (REPO / "docs" / "deploy.md").read_text()
 
 def test_post_jobs_example_is_a_valid_spec():
     (body,) = re.findall(r"<<'JSON'\n(.*?)\nJSON\n", DOC, flags=re.S)
-    spec = JobSpec.model_validate(json.loads(body), context={"roots": [Path("/data/ncp"), Path("/data/corpora")]})
+    spec = JobSpec.model_validate(
+        json.loads(body), context={"roots": [Path("/data/ncp"), Path("/data/corpora")]}
+    )
     assert spec.kind == "pipeline" and spec.model.depth == 24
-    assert "POST http://127.0.0.1:8000/jobs" in DOC and 'Authorization: Bearer $TOKEN' in DOC
+    assert "POST http://127.0.0.1:8000/jobs" in DOC and "Authorization: Bearer $TOKEN" in DOC
 
 
 def test_named_settings_exist():
@@ -25,5 +27,10 @@ def test_named_settings_exist():
 
 
 def test_rocm_settings_are_explained():
-    for var in ("HIP_FORCE_DEV_KERNARG", "HSA_OVERRIDE_GFX_VERSION", "expandable_segments:True", "HIP_VISIBLE_DEVICES"):
+    for var in (
+        "HIP_FORCE_DEV_KERNARG",
+        "HSA_OVERRIDE_GFX_VERSION",
+        "expandable_segments:True",
+        "HIP_VISIBLE_DEVICES",
+    ):
         assert f"`{var}" in DOC or f"{var}`" in DOC, var

@@ -54,11 +54,18 @@ def containers(objs: list[dict]):
 VARIANTS = {
     "default": lambda: render(),
     "nvidia": lambda: render(overlay="values-nvidia.yaml"),
-    "external": lambda: render(merge(REQUIRED, {
-        "postgresql": {"enabled": False}, "redis": {"enabled": False},
-        "externalDatabase": {"url": "postgresql+psycopg://u:p@db.example:5432/ncp"},
-        "externalRedis": {"url": "redis://cache.example:6379/0"},
-        "persistence": {"existingClaim": "shared-home"}})),
+    "external": lambda: render(
+        merge(
+            REQUIRED,
+            {
+                "postgresql": {"enabled": False},
+                "redis": {"enabled": False},
+                "externalDatabase": {"url": "postgresql+psycopg://u:p@db.example:5432/ncp"},
+                "externalRedis": {"url": "redis://cache.example:6379/0"},
+                "persistence": {"existingClaim": "shared-home"},
+            },
+        )
+    ),
     "multinode": lambda: render(merge(REQUIRED, {"multinode": {"enabled": True, "jobId": "abc-123"}})),
 }
 
@@ -75,7 +82,9 @@ def test_every_object_validates_against_the_kubernetes_schema(rendered):
             try:
                 kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
             except kubernetes_validate.ValidationError as e:
-                raise AssertionError(f"{variant}: {obj['kind']}/{obj['metadata']['name']}: {e.message}") from e
+                raise AssertionError(
+                    f"{variant}: {obj['kind']}/{obj['metadata']['name']}: {e.message}"
+                ) from e
 
 
 def test_schema_validation_rejects_a_broken_object(rendered):
@@ -92,13 +101,19 @@ def test_helm_lint_is_clean():
     assert not errors and not report["errors"], report
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"postgresql": {"password": "x"}}, "secrets.apiToken is required"),
-    ({"secrets": {"apiToken": "t"}}, "postgresql.password is required"),
-    ({"secrets": {"apiToken": "t"}, "postgresql": {"enabled": False}}, "externalDatabase.url is required"),
-    (merge(REQUIRED, {"redis": {"enabled": False}}), "externalRedis.url is required"),
-    (merge(REQUIRED, {"multinode": {"enabled": True}}), "multinode.jobId is required"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"postgresql": {"password": "x"}}, "secrets.apiToken is required"),
+        ({"secrets": {"apiToken": "t"}}, "postgresql.password is required"),
+        (
+            {"secrets": {"apiToken": "t"}, "postgresql": {"enabled": False}},
+            "externalDatabase.url is required",
+        ),
+        (merge(REQUIRED, {"redis": {"enabled": False}}), "externalRedis.url is required"),
+        (merge(REQUIRED, {"multinode": {"enabled": True}}), "multinode.jobId is required"),
+    ],
+)
 def test_missing_required_value_fails(values, message):
     with pytest.raises(helm.HelmError) as e:
         render(values)
@@ -114,7 +129,10 @@ def test_the_platform_is_all_there(rendered):
     assert ("ncp", "reconciler") in commands and ("ncp", "db", "upgrade") in commands
     assert ("python3", "-m", "services.inference.serve") in commands
     assert len(deps) == 6
-    assert set(by_kind(objs, "StatefulSet")) == {"ncp-nanochat-platform-postgres", "ncp-nanochat-platform-redis"}
+    assert set(by_kind(objs, "StatefulSet")) == {
+        "ncp-nanochat-platform-postgres",
+        "ncp-nanochat-platform-redis",
+    }
     (pvc,) = by_kind(objs, "PersistentVolumeClaim").values()
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     ext = rendered["external"]
@@ -166,7 +184,10 @@ def test_configmap_values_build_settings(rendered, monkeypatch):
         monkeypatch.setenv(k, v)
     s = Settings()
     assert s.k8s_gpu_resource == "amd.com/gpu" and s.k8s_namespace == "ml"
-    assert s.k8s_train_image == "nanochat/train-rocm:0.1.0" and s.k8s_checkpoint_claim == "ncp-nanochat-platform-home"
+    assert (
+        s.k8s_train_image == "nanochat/train-rocm:0.1.0"
+        and s.k8s_checkpoint_claim == "ncp-nanochat-platform-home"
+    )
 
 
 def test_gpu_workloads_request_the_vendor_resource(rendered):
@@ -187,7 +208,12 @@ def test_gpu_workloads_request_the_vendor_resource(rendered):
 def test_rbac_lets_only_the_train_worker_launch_jobs(rendered):
     objs = rendered["default"]
     (role,) = by_kind(objs, "Role").values()
-    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    verbs = {
+        (g, r): set(rule["verbs"])
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
     assert {"create", "delete", "get"} <= verbs[("batch", "jobs")] and "create" in verbs[("", "services")]
     (crole,) = by_kind(objs, "ClusterRole").values()
     assert crole["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]}]
@@ -207,7 +233,8 @@ def test_migration_is_a_hook(rendered):
         secret = by_kind(rendered[variant], "Secret")["ncp-nanochat-platform-migrate"]
         assert secret["metadata"]["annotations"]["helm.sh/hook"] == phase
         assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
-            job["metadata"]["annotations"]["helm.sh/hook-weight"])
+            job["metadata"]["annotations"]["helm.sh/hook-weight"]
+        )
 
 
 def test_checkpoint_volume_is_mounted_at_ncp_home(rendered):

@@ -19,17 +19,35 @@ SPEC = {"kind": "pretrain", "hardware": {"gpus": 8, "nodes": 4, "device": "auto"
 
 
 def make_cfg(**kw) -> k8s.MultinodeConfig:
-    base = dict(job_id="Job-42", nodes=4, nproc_per_node=8, image="reg/train-rocm:1", namespace="ml",
-                home="/data/ncp", config_path="/data/ncp/runs/Job-42/pretrain_config.json",
-                progress_path="/data/ncp/runs/Job-42/progress.jsonl", stop_path="/data/ncp/runs/Job-42/STOP",
-                checkpoint_claim="home-pvc", config_map="ncp-config")
+    base = dict(
+        job_id="Job-42",
+        nodes=4,
+        nproc_per_node=8,
+        image="reg/train-rocm:1",
+        namespace="ml",
+        home="/data/ncp",
+        config_path="/data/ncp/runs/Job-42/pretrain_config.json",
+        progress_path="/data/ncp/runs/Job-42/progress.jsonl",
+        stop_path="/data/ncp/runs/Job-42/STOP",
+        checkpoint_claim="home-pvc",
+        config_map="ncp-config",
+    )
     return k8s.MultinodeConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("field, value", [
-    ("job_id", "bad id!"), ("nodes", 1), ("nproc_per_node", 0), ("image", ""), ("mode", "eval"),
-    ("gpu_resource", "gpu"), ("rdzv_port", 0), ("config_path", "relative.json"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("job_id", "bad id!"),
+        ("nodes", 1),
+        ("nproc_per_node", 0),
+        ("image", ""),
+        ("mode", "eval"),
+        ("gpu_resource", "gpu"),
+        ("rdzv_port", 0),
+        ("config_path", "relative.json"),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         make_cfg(**{field: value})
@@ -48,8 +66,9 @@ def test_names_are_dns_labels():
 
 
 def test_manifests_validate_and_carry_the_torchrun_args():
-    service, job = k8s.render_multinode_manifests(make_cfg(env=(("HIP_FORCE_DEV_KERNARG", "1"),),
-                                                           supplemental_groups=(44, 110)))
+    service, job = k8s.render_multinode_manifests(
+        make_cfg(env=(("HIP_FORCE_DEV_KERNARG", "1"),), supplemental_groups=(44, 110))
+    )
     for obj in (service, job):
         kubernetes_validate.validate(obj, "1.35.0", strict=True)
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
@@ -64,7 +83,7 @@ def test_manifests_validate_and_carry_the_torchrun_args():
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd
     assert "--rdzv-backend=c10d" in cmd and "--rdzv-endpoint=ncp-train-job-42-0.ncp-train-job-42:29500" in cmd
     i = cmd.index("-m")
-    assert cmd[i + 1:i + 3] == ["services.train_worker.entry", "pretrain"]
+    assert cmd[i + 1 : i + 3] == ["services.train_worker.entry", "pretrain"]
     assert cmd[cmd.index("--config") + 1].endswith("pretrain_config.json")
     assert cmd[cmd.index("--progress") + 1] == "/data/ncp/runs/Job-42/progress.jsonl"
     assert cmd[cmd.index("--stop") + 1] == "/data/ncp/runs/Job-42/STOP"
@@ -85,19 +104,31 @@ def test_torchrun_args_parse_with_torchrun_itself():
     cmd = [a.replace("$(JOB_COMPLETION_INDEX)", "2") for a in k8s.torchrun_command(make_cfg())]
     args = torchrun.get_args_parser().parse_args(cmd[1:])
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("4", "8", 2)
-    assert (args.rdzv_backend, args.rdzv_endpoint, args.module) == ("c10d", "ncp-train-job-42-0.ncp-train-job-42:29500", True)
-    assert args.training_script == "services.train_worker.entry" and args.training_script_args[0] == "pretrain"
+    assert (args.rdzv_backend, args.rdzv_endpoint, args.module) == (
+        "c10d",
+        "ncp-train-job-42-0.ncp-train-job-42:29500",
+        True,
+    )
+    assert (
+        args.training_script == "services.train_worker.entry" and args.training_script_args[0] == "pretrain"
+    )
 
 
 def test_chart_template_renders_the_same_objects():
     """helm/nanochat-platform/templates/train-multinode.yaml and k8s.py agree field for field."""
-    objs = render(merge(REQUIRED, {"multinode": {"enabled": True, "jobId": "Job-42", "nodes": 4, "nprocPerNode": 8}}))
+    objs = render(
+        merge(REQUIRED, {"multinode": {"enabled": True, "jobId": "Job-42", "nodes": 4, "nprocPerNode": 8}})
+    )
     chart = {o["kind"]: o for o in objs if o["metadata"]["name"] == "ncp-train-job-42"}
     cfg = make_cfg(
-        image="nanochat/train-rocm:0.1.0", checkpoint_claim="ncp-nanochat-platform-home",
+        image="nanochat/train-rocm:0.1.0",
+        checkpoint_claim="ncp-nanochat-platform-home",
         config_map="ncp-nanochat-platform-config",
-        env=(("HIP_FORCE_DEV_KERNARG", "1"), ("HSA_OVERRIDE_GFX_VERSION", "9.4.2"),
-             ("PYTORCH_ALLOC_CONF", "expandable_segments:True")),
+        env=(
+            ("HIP_FORCE_DEV_KERNARG", "1"),
+            ("HSA_OVERRIDE_GFX_VERSION", "9.4.2"),
+            ("PYTORCH_ALLOC_CONF", "expandable_segments:True"),
+        ),
         supplemental_groups=(44, 110),
     )
     service, job = k8s.render_multinode_manifests(cfg)
@@ -114,16 +145,29 @@ def test_multinode_config_from_spec_and_settings(monkeypatch, tmp_path):
     assert cfg.progress_path == str(tmp_path / "runs" / "j1" / "progress.jsonl")
     assert cfg.config_path == str(tmp_path / "runs" / "j1" / "sft_config.json")
     assert ("HIP_FORCE_DEV_KERNARG", "1") in cfg.env
-    assert k8s.multinode_config("j1", SPEC, Settings(k8s_train_image="i", nproc_per_node=2)).nproc_per_node == 2
+    assert (
+        k8s.multinode_config("j1", SPEC, Settings(k8s_train_image="i", nproc_per_node=2)).nproc_per_node == 2
+    )
 
 
 def node(gpus: str | int, resource: str = "amd.com/gpu", unschedulable: bool = False) -> dict:
-    return {"metadata": {"name": "n"}, "spec": {"unschedulable": unschedulable},
-            "status": {"allocatable": {"cpu": "96", resource: str(gpus)}}}
+    return {
+        "metadata": {"name": "n"},
+        "spec": {"unschedulable": unschedulable},
+        "status": {"allocatable": {"cpu": "96", resource: str(gpus)}},
+    }
 
 
 def test_gpu_capacity_counts_whole_pods_on_schedulable_nodes():
-    nodes = [node(8), node(8), node(4), node(16), node(8, unschedulable=True), node(8, "nvidia.com/gpu"), node("x")]
+    nodes = [
+        node(8),
+        node(8),
+        node(4),
+        node(16),
+        node(8, unschedulable=True),
+        node(8, "nvidia.com/gpu"),
+        node("x"),
+    ]
     assert k8s.gpu_capacity(nodes, "amd.com/gpu", 8) == 1 + 1 + 0 + 2
     assert k8s.gpu_capacity(nodes, "amd.com/gpu", 4) == 2 + 2 + 1 + 4
     assert k8s.gpu_capacity(nodes, "nvidia.com/gpu", 8) == 1
@@ -198,8 +242,13 @@ def sa_dir(tmp_path):
 
 
 def settings_for(api: FakeApi, tmp_path, **kw) -> Settings:
-    return Settings(home=tmp_path / "home", k8s_api_url=api.url, k8s_train_image="reg/train:1",
-                    k8s_checkpoint_claim="home-pvc", **kw)
+    return Settings(
+        home=tmp_path / "home",
+        k8s_api_url=api.url,
+        k8s_train_image="reg/train:1",
+        k8s_checkpoint_claim="home-pvc",
+        **kw,
+    )
 
 
 def test_launch_creates_service_and_job_once(tmp_path, sa_dir):
@@ -210,8 +259,10 @@ def test_launch_creates_service_and_job_once(tmp_path, sa_dir):
         assert out["status"] == "created" and out["namespace"] == "train-ns"
         assert out["rdzv_endpoint"] == "ncp-train-job-42-0.ncp-train-job-42:29500"
         posts = [r for r in api.requests if r[0] == "POST"]
-        assert [p[1] for p in posts] == ["/api/v1/namespaces/train-ns/services",
-                                         "/apis/batch/v1/namespaces/train-ns/jobs"]
+        assert [p[1] for p in posts] == [
+            "/api/v1/namespaces/train-ns/services",
+            "/apis/batch/v1/namespaces/train-ns/jobs",
+        ]
         assert all(r[2] == "Bearer sa-token-xyz" for r in api.requests)
         for _, _, _, body in posts:
             kubernetes_validate.validate(body, "1.35.0", strict=True)
@@ -257,7 +308,9 @@ def test_api_errors_are_reported_with_the_server_message(tmp_path, sa_dir):
     with FakeApi([node(8)] * 4) as api:
         s = settings_for(api, tmp_path, k8s_namespace="forbidden")
         client = k8s.KubeClient(s, sa_dir=sa_dir)
-        api.server.RequestHandlerClass.do_POST = lambda self: self._send(403, {"message": "jobs is forbidden"})
+        api.server.RequestHandlerClass.do_POST = lambda self: self._send(
+            403, {"message": "jobs is forbidden"}
+        )
         with pytest.raises(RuntimeError, match=r"HTTP 403: jobs is forbidden"):
             k8s.launch_multinode("Job-1", SPEC, s, client=client)
         client.close()
@@ -271,6 +324,11 @@ def test_unavailable_outside_a_cluster_or_without_an_image(tmp_path):
 
 
 def test_job_status_from_conditions():
-    assert k8s.multinode_status({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) == "succeeded"
-    assert k8s.multinode_status({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) == "failed"
+    assert (
+        k8s.multinode_status({"status": {"conditions": [{"type": "Complete", "status": "True"}]}})
+        == "succeeded"
+    )
+    assert (
+        k8s.multinode_status({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) == "failed"
+    )
     assert k8s.multinode_status({"status": {"active": 4}}) == "running"

@@ -38,29 +38,63 @@ def test_two_node_torchrun_command_trains(tmp_path):
     run = tmp_path / "runs" / "mn-1"
     run.mkdir(parents=True)
     train_cfg = TrainConfig(
-        data_dir=str(data), tokenizer_dir=str(tmp_path / "tok"), checkpoint_dir=str(run / "ckpt"),
-        depth=2, aspect_ratio=32, head_dim=64, max_seq_len=64, window_pattern="L",
-        device_batch_size=4, total_batch_size=512,  # = 2 nodes x 4 rows x 64 tokens
-        num_iterations=3, warmup_steps=1, eval_every=0, eval_tokens=1024, device="cpu", seed=7,
+        data_dir=str(data),
+        tokenizer_dir=str(tmp_path / "tok"),
+        checkpoint_dir=str(run / "ckpt"),
+        depth=2,
+        aspect_ratio=32,
+        head_dim=64,
+        max_seq_len=64,
+        window_pattern="L",
+        device_batch_size=4,
+        total_batch_size=512,  # = 2 nodes x 4 rows x 64 tokens
+        num_iterations=3,
+        warmup_steps=1,
+        eval_every=0,
+        eval_tokens=1024,
+        device="cpu",
+        seed=7,
     )
     (run / "pretrain_config.json").write_text(json.dumps(train_cfg.to_dict()))
 
     port = free_port()
     cfg = k8s.MultinodeConfig(
-        job_id="mn-1", nodes=2, nproc_per_node=1, image="unused", namespace="", home=str(tmp_path),
-        config_path=str(run / "pretrain_config.json"), progress_path=str(run / "progress.jsonl"),
-        stop_path=str(run / "STOP"), rdzv_port=port,
+        job_id="mn-1",
+        nodes=2,
+        nproc_per_node=1,
+        image="unused",
+        namespace="",
+        home=str(tmp_path),
+        config_path=str(run / "pretrain_config.json"),
+        progress_path=str(run / "progress.jsonl"),
+        stop_path=str(run / "STOP"),
+        rdzv_port=port,
     )
     cmd = k8s.torchrun_command(cfg)
     assert cmd[0] == "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "NCP_HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "NCP_HOME": str(tmp_path),
+    }
     procs = []
     for index in range(cfg.nodes):
-        argv = [a.replace("$(JOB_COMPLETION_INDEX)", str(index)).replace(cfg.rdzv_endpoint, f"127.0.0.1:{port}")
-                for a in cmd[1:]]
-        procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        argv = [
+            a.replace("$(JOB_COMPLETION_INDEX)", str(index)).replace(cfg.rdzv_endpoint, f"127.0.0.1:{port}")
+            for a in cmd[1:]
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *argv],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:

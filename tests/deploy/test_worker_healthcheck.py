@@ -26,8 +26,11 @@ def healthcheck(dockerfile: str) -> list[str]:
 
 
 def test_worker_images_share_one_healthcheck():
-    assert healthcheck("worker-cpu.Dockerfile") == healthcheck("train-rocm.Dockerfile") == healthcheck(
-        "train-cuda.Dockerfile")
+    assert (
+        healthcheck("worker-cpu.Dockerfile")
+        == healthcheck("train-rocm.Dockerfile")
+        == healthcheck("train-cuda.Dockerfile")
+    )
 
 
 @pytest.mark.slow
@@ -39,12 +42,22 @@ def test_worker_healthcheck_tracks_a_live_worker(tmp_path):
         pytest.fail(f"Redis is not running at {BROKER} (scripts/services.sh starts it)")
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NCP_")}
-    env.update(NCP_HOME=str(tmp_path), NCP_BROKER_URL=BROKER, NCP_DATABASE_URL=f"sqlite:///{tmp_path}/reg.db",
-               PATH=f"{bin_dir}:{env.get('PATH', '')}", PYTHONPATH=str(REPO))
+    env.update(
+        NCP_HOME=str(tmp_path),
+        NCP_BROKER_URL=BROKER,
+        NCP_DATABASE_URL=f"sqlite:///{tmp_path}/reg.db",
+        PATH=f"{bin_dir}:{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+    )
     cmd = healthcheck("worker-cpu.Dockerfile")
     subprocess.run([f"{bin_dir}/ncp", "db", "upgrade"], env=env, cwd=REPO, check=True, capture_output=True)
-    worker = subprocess.Popen([f"{bin_dir}/ncp", "worker", "--queues", "data"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [f"{bin_dir}/ncp", "worker", "--queues", "data"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:

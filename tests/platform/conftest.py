@@ -84,8 +84,14 @@ class Procs:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", *args], cwd=REPO, env=self.env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", *args],
+            cwd=REPO,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
@@ -147,8 +153,14 @@ def tiny_spec(**overrides) -> dict:
         "kind": "pretrain",
         "name": "tiny",
         "stages": ["data", "tokenizer", "pretrain"],
-        "model": {"depth": 2, "aspect_ratio": 64, "head_dim": 64, "window_pattern": "L",
-                  "sequence_len": 64, "vocab_size": 512},
+        "model": {
+            "depth": 2,
+            "aspect_ratio": 64,
+            "head_dim": 64,
+            "window_pattern": "L",
+            "sequence_len": 64,
+            "vocab_size": 512,
+        },
         "data": {"source": "demo", "num_shards": 3},
         "tokenizer": {"vocab_size": 512, "max_chars": 300_000},
         "horizon": {"num_iterations": 12},

@@ -57,8 +57,14 @@ def test_ncp_demo_end_to_end(tmp_path):
     home = tmp_path / "home"
     env = _embedded_env(home)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "demo"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "demo"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     took = time.monotonic() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:] + _logs(home)
@@ -87,17 +93,27 @@ def test_ncp_up_serves_jobs_and_restarts_crashed_children(tmp_path):
     env = _embedded_env(home)
     api = f"http://127.0.0.1:{env['NCP_API_PORT']}"
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--no-inference"], cwd=REPO,
-                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--no-inference"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         with httpx.Client(timeout=10) as client:
             _wait(lambda: _ok(client, f"{api}/healthz"), 60, "the API")
             state = json.loads((home / "up.json").read_text())
             assert state["pid"] == up.pid
 
-            spec = {"kind": "pretrain", "stages": ["data", "tokenizer"],
-                    "model": {"depth": 2, "head_dim": 64, "vocab_size": 512, "sequence_len": 64},
-                    "tokenizer": {"vocab_size": 512}, "hardware": {"gpus": 0, "device": "cpu"}}
+            spec = {
+                "kind": "pretrain",
+                "stages": ["data", "tokenizer"],
+                "model": {"depth": 2, "head_dim": 64, "vocab_size": 512, "sequence_len": 64},
+                "tokenizer": {"vocab_size": 512},
+                "hardware": {"gpus": 0, "device": "cpu"},
+            }
             job = client.post(f"{api}/jobs", json=spec).json()
             done = _wait(lambda: _terminal(client, f"{api}/jobs/{job['id']}"), 90, "the job")
             assert done["status"] == "succeeded"
@@ -108,7 +124,10 @@ def test_ncp_up_serves_jobs_and_restarts_crashed_children(tmp_path):
             os.killpg(worker_pid, signal.SIGKILL)
             _wait(lambda: _child_pid(home, "worker-data") not in (None, worker_pid), 30, "a restarted worker")
             job2 = client.post(f"{api}/jobs", json=spec).json()
-            assert _wait(lambda: _terminal(client, f"{api}/jobs/{job2['id']}"), 90, "job 2")["status"] == "succeeded"
+            assert (
+                _wait(lambda: _terminal(client, f"{api}/jobs/{job2['id']}"), 90, "job 2")["status"]
+                == "succeeded"
+            )
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)

@@ -18,7 +18,7 @@ import pytest
 from services.worker.launcher import LaunchConfig, ProgressTail, build_command, child_env, run_training
 from shared.paths import RunPaths
 
-STUBBORN = r'''
+STUBBORN = r"""
 import json, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 args = sys.argv[1:]
@@ -33,7 +33,7 @@ with open(progress, "a") as f:
         step += 1
         f.write(json.dumps({"type": "progress", "step": step}) + "\n")
         f.flush()
-'''
+"""
 
 
 def _alive(pid: int) -> bool:
@@ -61,14 +61,25 @@ def test_cancel_escalates_to_sigkill_and_frees_the_group(tmp_path, stubborn):
     (run.root / "config").mkdir(parents=True)
     cfg_path = run.root / "config" / "pretrain.json"
     cfg_path.write_text("{}")
-    cfg = LaunchConfig(mode="pretrain", config_path=cfg_path, run=run, cancel_grace_seconds=1.0,
-                       poll_seconds=0.1, entry_module="stubborn_trainer",
-                       extra_env={"PYTHONPATH": str(stubborn)}, gpus="3")
+    cfg = LaunchConfig(
+        mode="pretrain",
+        config_path=cfg_path,
+        run=run,
+        cancel_grace_seconds=1.0,
+        poll_seconds=0.1,
+        entry_module="stubborn_trainer",
+        extra_env={"PYTHONPATH": str(stubborn)},
+        gpus="3",
+    )
     seen: list[dict] = []
     t0 = time.monotonic()
     cancel_at = t0 + 1.5
-    result = run_training(cfg, on_records=seen.extend, should_cancel=lambda: time.monotonic() > cancel_at,
-                          cancel_check_seconds=0.1)
+    result = run_training(
+        cfg,
+        on_records=seen.extend,
+        should_cancel=lambda: time.monotonic() > cancel_at,
+        cancel_check_seconds=0.1,
+    )
     elapsed = time.monotonic() - t0
     assert result.cancelled and result.escalation == "SIGKILL"
     assert result.returncode == -9
@@ -137,8 +148,15 @@ def test_torchrun_two_ranks_stop_together_on_cancel(tmp_path):
         "num_iterations": 5000, "device_batch_size": 2, "total_batch_size": 256, "warmup_steps": 1,
         "eval_every": 0, "eval_tokens": 256, "save_every": 0, "device": "cpu", "seed": 1,
     }))  # fmt: skip
-    cfg = LaunchConfig(mode="pretrain", config_path=cfg_path, run=run, nproc=2, cancel_grace_seconds=30,
-                       poll_seconds=0.2, extra_env={"OMP_NUM_THREADS": "1"})
+    cfg = LaunchConfig(
+        mode="pretrain",
+        config_path=cfg_path,
+        run=run,
+        nproc=2,
+        cancel_grace_seconds=30,
+        poll_seconds=0.2,
+        extra_env={"OMP_NUM_THREADS": "1"},
+    )
     seen: list[dict] = []
     pgids: list[int] = []
 
@@ -148,8 +166,9 @@ def test_torchrun_two_ranks_stop_together_on_cancel(tmp_path):
         return any(r.get("type") == "progress" and r["step"] >= 2 for r in seen)
 
     result = run_training(cfg, on_records=seen.extend, should_cancel=cancel, cancel_check_seconds=0.2)
-    assert result.returncode == 0 and result.cancelled and result.escalation is None, \
+    assert result.returncode == 0 and result.cancelled and result.escalation is None, (
         cfg.log_path.read_text()[-3000:]
+    )
     done = [r for r in seen if r["type"] == "done"]
     assert done and done[0]["stopped"] is True and done[0]["step"] < 5000
     assert any(r["type"] == "checkpoint" and r["step"] == done[0]["step"] for r in seen)

@@ -17,8 +17,14 @@ from shared.settings import get_settings
 
 def _run(sessions, job_id, stage, worker="w1"):
     sent: list[tuple[str, str]] = []
-    out = run_stage(job_id, stage, settings=get_settings(), sessions=sessions, worker_id=worker,
-                    enqueue=lambda j, st: sent.append((j, st)))
+    out = run_stage(
+        job_id,
+        stage,
+        settings=get_settings(),
+        sessions=sessions,
+        worker_id=worker,
+        enqueue=lambda j, st: sent.append((j, st)),
+    )
     return out, sent
 
 
@@ -155,12 +161,22 @@ def test_reconciler_leaves_live_and_recent_jobs_alone(sessions, submit, make_spe
 
 def test_job_stages_end_with_report():
     assert job_stages({"kind": "eval", "stages": None}) == ["base_eval", "report"]
-    assert job_stages({"kind": "pipeline", "stages": ["data", "tokenizer"]}) == ["data", "tokenizer", "report"]
+    assert job_stages({"kind": "pipeline", "stages": ["data", "tokenizer"]}) == [
+        "data",
+        "tokenizer",
+        "report",
+    ]
 
 
 def test_multinode_without_cluster_fails_with_a_clear_error(sessions, submit, make_spec):
-    job_id = submit(make_spec(stages=["pretrain"], hardware={"gpus": 1, "nodes": 2, "device": "cuda"},
-                              batch={"total_batch_size": 512}), enqueue=False)
+    job_id = submit(
+        make_spec(
+            stages=["pretrain"],
+            hardware={"gpus": 1, "nodes": 2, "device": "cuda"},
+            batch={"total_batch_size": 512},
+        ),
+        enqueue=False,
+    )
     out, sent = _run(sessions, job_id, "pretrain")
     assert out == "failed" and sent == []
     job, stages = _job(sessions, job_id)

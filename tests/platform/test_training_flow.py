@@ -110,8 +110,9 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
     killed_at = _job(sessions, job_id).step
 
     procs.worker("train-2", "train")
-    assert waiter(lambda: _finished(sessions, job_id), 150, what="job to finish") == "succeeded", \
-        procs.log("train-2")[-3000:]
+    assert waiter(lambda: _finished(sessions, job_id), 150, what="job to finish") == "succeeded", procs.log(
+        "train-2"
+    )[-3000:]
     job = _job(sessions, job_id)
     assert job.attempts == 1
     with session_scope(sessions) as s:
@@ -131,14 +132,21 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
     assert progress_steps[restart] == resumed_from + 1
     assert progress_steps[-1] == 40
     assert f"job {job_id} retried" in procs.log("reconciler")
-    assert Path(run_paths(get_settings().runs_dir, job_id).logs / "pretrain.log").read_text().count("launching:") == 2
+    assert (
+        Path(run_paths(get_settings().runs_dir, job_id).logs / "pretrain.log").read_text().count("launching:")
+        == 2
+    )
 
     # A follow-up eval job on this model (parent_job_id): it reads the parent's run folder and
     # writes its own results.
     from shared.jobs.spec import JobSpec
 
-    spec = {"kind": "eval", "parent_job_id": job_id, "eval": {"tokens": 1024, "core_max_per_task": 2},
-            "hardware": {"gpus": 0, "device": "cpu"}}
+    spec = {
+        "kind": "eval",
+        "parent_job_id": job_id,
+        "eval": {"tokens": 1024, "core_max_per_task": 2},
+        "hardware": {"gpus": 0, "device": "cpu"},
+    }
     JobSpec.model_validate(spec)
     child = submit(spec)
     assert waiter(lambda: _finished(sessions, child), 120, what="eval job") == "succeeded"

@@ -23,8 +23,12 @@ def _url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=_url().startswith("sqlite"))
+    context.configure(
+        url=_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=_url().startswith("sqlite"),
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -35,8 +39,12 @@ def run_migrations_online() -> None:
     try:
         with engine.connect() as connection:
             # batch mode: SQLite cannot ALTER most things in place; Alembic copies the table instead.
-            context.configure(connection=connection, target_metadata=target_metadata,
-                              render_as_batch=url.startswith("sqlite"), compare_type=True)
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                render_as_batch=url.startswith("sqlite"),
+                compare_type=True,
+            )
             with context.begin_transaction():
                 context.run_migrations()
     finally:

@@ -42,8 +42,11 @@ def check_broker(broker_url: str) -> str | None:
     return None
 
 
-@router.get("/readyz", summary="Readiness: registry database and message broker reachable",
-            responses={503: {"description": "A dependency is down; the body says which"}})
+@router.get(
+    "/readyz",
+    summary="Readiness: registry database and message broker reachable",
+    responses={503: {"description": "A dependency is down; the body says which"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     db_err = await to_thread.run_sync(check_database, request)
@@ -51,7 +54,9 @@ async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, Any] = {"database": db_err or "ok", "broker": broker_err or "ok"}
     if db_err or broker_err:
         first = "database" if db_err else "broker"
-        body = {"error": {"code": f"{first}_unavailable", "message": f"{first}: {db_err or broker_err}"},
-                "checks": checks}
+        body = {
+            "error": {"code": f"{first}_unavailable", "message": f"{first}: {db_err or broker_err}"},
+            "checks": checks,
+        }
         return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "ready", "checks": checks})

@@ -58,8 +58,12 @@ async def _event_stream(request: Request, job_id: str, after: int) -> AsyncItera
         try:
             events, terminal = await to_thread.run_sync(_poll_events, sessions, job_id, after)
         except Exception as e:  # registry gone mid-stream: tell the client, end the stream cleanly
-            yield {"event": "error", "data": json.dumps({"code": "database_unavailable",
-                                                         "message": f"{type(e).__name__}: {e}"[:500]})}
+            yield {
+                "event": "error",
+                "data": json.dumps(
+                    {"code": "database_unavailable", "message": f"{type(e).__name__}: {e}"[:500]}
+                ),
+            }
             return
         for ev in events:
             after = ev.seq
@@ -75,14 +79,23 @@ async def _event_stream(request: Request, job_id: str, after: int) -> AsyncItera
 
 
 @router.get(
-    "/events", response_model=EventsPublic, responses={**_ERRORS, 200: {
-        "description": "JSON page of events, or with `Accept: text/event-stream` a live SSE stream "
-        "(id = event seq, event = type) that ends with an `end` event once the job has finished.",
-        "content": {"text/event-stream": {}}}},
+    "/events",
+    response_model=EventsPublic,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "JSON page of events, or with `Accept: text/event-stream` a live SSE stream "
+            "(id = event seq, event = type) that ends with an `end` event once the job has finished.",
+            "content": {"text/event-stream": {}},
+        },
+    },
     summary="Job events (paged JSON or live SSE)",
 )
 def job_events(
-    request: Request, job_id: str, session: SessionDep, _auth: AuthDep,
+    request: Request,
+    job_id: str,
+    session: SessionDep,
+    _auth: AuthDep,
     after: Annotated[int, Query(ge=0, description="Return events with seq > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     accept: Annotated[str | None, Header()] = None,
@@ -102,7 +115,9 @@ def job_events(
 # --- metrics, checkpoints, evals, artifacts ------------------------------------------------------
 @router.get("/metrics", response_model=MetricsPublic, responses=_ERRORS, summary="Metric time series")
 def job_metrics(
-    job_id: str, session: SessionDep, _auth: AuthDep,
+    job_id: str,
+    session: SessionDep,
+    _auth: AuthDep,
     name: Annotated[list[str] | None, Query(description="Only these series (repeatable)")] = None,
     stage: Annotated[str | None, Query()] = None,
     after_step: Annotated[int | None, Query()] = None,
@@ -128,16 +143,24 @@ def job_evals(
     job_id: str, session: SessionDep, _auth: AuthDep, stage: Annotated[str | None, Query()] = None
 ) -> EvalResultsPublic:
     registry.get_job(session, job_id)
-    rows = [EvalResultPublic(stage=r.stage, checkpoint_step=r.checkpoint_step, task=r.task, metric=r.metric,
-                             value=r.value) for r in registry.list_eval_results(session, job_id, stage=stage)]
+    rows = [
+        EvalResultPublic(
+            stage=r.stage, checkpoint_step=r.checkpoint_step, task=r.task, metric=r.metric, value=r.value
+        )
+        for r in registry.list_eval_results(session, job_id, stage=stage)
+    ]
     return EvalResultsPublic(data=rows, count=len(rows))
 
 
-@router.get("/artifacts", response_model=ArtifactsPublic, responses=_ERRORS, summary="Named outputs of the job")
+@router.get(
+    "/artifacts", response_model=ArtifactsPublic, responses=_ERRORS, summary="Named outputs of the job"
+)
 def job_artifacts(job_id: str, session: SessionDep, _auth: AuthDep) -> ArtifactsPublic:
     registry.get_job(session, job_id)
-    arts = [ArtifactPublic(name=a.name, path=a.path, kind=a.kind, created_at=a.created_at)
-            for a in registry.list_artifacts(session, job_id)]
+    arts = [
+        ArtifactPublic(name=a.name, path=a.path, kind=a.kind, created_at=a.created_at)
+        for a in registry.list_artifacts(session, job_id)
+    ]
     return ArtifactsPublic(data=arts, count=len(arts))
 
 
@@ -161,7 +184,10 @@ def tail_lines(path: Path, lines: int) -> str:
 
 @router.get("/logs", response_model=LogsPublic, responses=_ERRORS, summary="Tail of the job's log files")
 def job_logs(
-    job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep,
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    _auth: AuthDep,
     lines: Annotated[int, Query(ge=1, le=10_000)] = 200,
     file: Annotated[str | None, Query(description="One log file name, e.g. train.log")] = None,
 ) -> LogsPublic:
@@ -181,8 +207,12 @@ def job_logs(
     return LogsPublic(job_id=job_id, logs={p.name: tail_lines(p, lines) for p in paths})
 
 
-@router.get("/report", responses={**_ERRORS, 200: {"content": {"text/markdown": {}}}},
-            response_class=PlainTextResponse, summary="The run's Markdown report")
+@router.get(
+    "/report",
+    responses={**_ERRORS, 200: {"content": {"text/markdown": {}}}},
+    response_class=PlainTextResponse,
+    summary="The run's Markdown report",
+)
 def job_report(job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep) -> PlainTextResponse:
     registry.get_job(session, job_id)
     report = run_paths(settings.runs_dir, job_id).report / "report.md"
@@ -191,10 +221,14 @@ def job_report(job_id: str, session: SessionDep, settings: SettingsDep, _auth: A
     return PlainTextResponse(report.read_text(encoding="utf-8"), media_type="text/markdown; charset=utf-8")
 
 
-@router.get("/report/{name}", responses={**_ERRORS, 200: {"content": {"image/png": {}}}},
-            summary="A file of the report, e.g. the loss plot (loss.png)")
-def job_report_file(name: str, job_id: str, session: SessionDep, settings: SettingsDep,
-                    _auth: AuthDep) -> FileResponse:
+@router.get(
+    "/report/{name}",
+    responses={**_ERRORS, 200: {"content": {"image/png": {}}}},
+    summary="A file of the report, e.g. the loss plot (loss.png)",
+)
+def job_report_file(
+    name: str, job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep
+) -> FileResponse:
     registry.get_job(session, job_id)
     try:
         path = safe_join(run_paths(settings.runs_dir, job_id).report, name)

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-
 def enqueue(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> bool:
     """Hand the job's next stage to the workers. Failure is not fatal: the job stays queued in the
     registry and the reconciler enqueues it later (Postgres is the truth, the broker a courier)."""
@@ -38,7 +37,9 @@ def enqueue(job_id: str, settings: Settings, sessions: sessionmaker[Session]) ->
         log.warning("could not enqueue job %s: %s", job_id, e)
         try:
             with session_scope(sessions) as s:
-                registry.add_event(s, job_id, "enqueue_failed", f"broker unavailable: {type(e).__name__}: {e}")
+                registry.add_event(
+                    s, job_id, "enqueue_failed", f"broker unavailable: {type(e).__name__}: {e}"
+                )
         except Exception:  # the registry itself is down too; nothing more to record
             log.exception("could not record enqueue failure for job %s", job_id)
         return False
@@ -49,14 +50,21 @@ def _public(session: Any, job: Any) -> JobPublic:
 
 
 @router.post(
-    "", status_code=202, response_model=JobPublic, responses=_ERRORS,
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses=_ERRORS,
     summary="Submit a job",
     description="Validates the job spec, records the job as queued and enqueues its first stage. "
     "With an Idempotency-Key header, repeating the request returns the same job. "
     "The body is a JobSpec (see components.schemas.JobSpec).",
 )
 def submit_job(
-    request: Request, response: Response, session: SessionDep, settings: SettingsDep, _auth: AuthDep,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    _auth: AuthDep,
     body: Annotated[dict[str, Any], Body()],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobPublic:
@@ -73,7 +81,8 @@ def submit_job(
 
 @router.get("", response_model=JobsPublic, responses=_ERRORS, summary="List jobs, newest first")
 def list_jobs(
-    session: SessionDep, _auth: AuthDep,
+    session: SessionDep,
+    _auth: AuthDep,
     status: Annotated[list[str] | None, Query(description="Filter by status (repeatable)")] = None,
     kind: Annotated[str | None, Query()] = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
@@ -85,8 +94,9 @@ def list_jobs(
         field = "cursor" if "cursor" in str(e) else "status"
         raise ApiError(422, "validation_error", str(e), field) from None
     latest = registry.latest_checkpoints(session, [j.id for j in jobs])
-    return JobsPublic(data=[JobPublic.of(j, latest.get(j.id)) for j in jobs], count=len(jobs),
-                      next_cursor=next_cursor)
+    return JobsPublic(
+        data=[JobPublic.of(j, latest.get(j.id)) for j in jobs], count=len(jobs), next_cursor=next_cursor
+    )
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Job status and progress")
@@ -94,14 +104,24 @@ def get_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
     return _public(session, registry.get_job(session, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=_ERRORS,
-             summary="Cancel a job (409 if it already finished)")
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobPublic,
+    responses=_ERRORS,
+    summary="Cancel a job (409 if it already finished)",
+)
 def cancel_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
     return _public(session, registry.request_cancel(session, job_id))
 
 
-@router.post("/{job_id}/resume", status_code=202, response_model=JobPublic, responses=_ERRORS,
-             summary="Resume a cancelled or failed job from its newest checkpoint (409 otherwise)")
+@router.post(
+    "/{job_id}/resume",
+    status_code=202,
+    response_model=JobPublic,
+    responses=_ERRORS,
+    summary="Resume a cancelled or failed job from its newest checkpoint (409 otherwise)",
+)
 def resume_job(
     request: Request, job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep
 ) -> JobPublic:

@@ -25,8 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the tiny demo pipeline end to end and chat with the result")
     p.add_argument("--question", default="What does the len() function do?", help="what to ask the model")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up on the job")
-    p.add_argument("--keep-running", action="store_true",
-                   help="leave the platform running afterwards when the demo started it")
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the platform running afterwards when the demo started it",
+    )
     p.set_defaults(func=run)
 
 
@@ -38,7 +41,10 @@ def api_ready(client: Any, settings: Any) -> bool:
     import httpx
 
     try:
-        return client.get(f"{settings.api_url}/healthz", headers=_headers(settings), timeout=2).status_code == 200
+        return (
+            client.get(f"{settings.api_url}/healthz", headers=_headers(settings), timeout=2).status_code
+            == 200
+        )
     except httpx.HTTPError:
         return False
 
@@ -48,9 +54,14 @@ def start_platform(settings: Any) -> subprocess.Popen:
     log_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_dir / "up.log", "ab")  # noqa: SIM115 - handed to the child for its lifetime
     repo = str(Path(__file__).resolve().parents[3])
-    return subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=repo,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up"],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=repo,
+        start_new_session=True,
+    )
 
 
 def stop_platform(proc: subprocess.Popen) -> None:
@@ -66,7 +77,11 @@ def stop_platform(proc: subprocess.Popen) -> None:
 
 def progress_line(job: dict) -> str:
     p = job.get("progress") or {}
-    parts = [f"{job['status']:<9}", f"{p.get('percent', 0):5.1f}%", f"stage {job.get('current_stage') or '-'}"]
+    parts = [
+        f"{job['status']:<9}",
+        f"{p.get('percent', 0):5.1f}%",
+        f"stage {job.get('current_stage') or '-'}",
+    ]
     if p.get("step") is not None and p.get("total_steps"):
         parts.append(f"step {p['step']}/{p['total_steps']}")
     if p.get("loss") is not None:
@@ -113,15 +128,23 @@ def wait_for_model(client: Any, settings: Any, model: str, timeout: float = 180.
         except httpx.HTTPError:
             pass
         time.sleep(1.0)
-    raise TimeoutError(f"the model server at {settings.inference_url} did not serve {model!r} "
-                       f"within {timeout:.0f}s (see {settings.home / 'logs' / 'inference.log'})")
+    raise TimeoutError(
+        f"the model server at {settings.inference_url} did not serve {model!r} "
+        f"within {timeout:.0f}s (see {settings.home / 'logs' / 'inference.log'})"
+    )
 
 
 def ask(client: Any, settings: Any, model: str, question: str) -> str:
-    r = client.post(f"{settings.inference_url}/v1/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": question}],
-        "max_tokens": 48, "temperature": 0.0,
-    })
+    r = client.post(
+        f"{settings.inference_url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 48,
+            "temperature": 0.0,
+        },
+    )
     if r.status_code != 200:
         raise RuntimeError(f"/v1/chat/completions answered {r.status_code}: {r.text[:500]}")
     return r.json()["choices"][0]["message"]["content"]
@@ -155,13 +178,18 @@ def run(args: argparse.Namespace) -> int:
             if api_ready(client, settings):
                 print(f"ncp demo: using the platform at {settings.api_url}", flush=True)
             else:
-                print(f"ncp demo: starting the platform (ncp up; logs in {settings.home / 'logs'})", flush=True)
+                print(
+                    f"ncp demo: starting the platform (ncp up; logs in {settings.home / 'logs'})", flush=True
+                )
                 started = start_platform(settings)
                 deadline = time.monotonic() + 120
                 while not api_ready(client, settings):
                     if started.poll() is not None:
-                        print(f"ncp demo: `ncp up` exited with {started.returncode}; "
-                              f"see {settings.home / 'logs' / 'up.log'}", file=sys.stderr)
+                        print(
+                            f"ncp demo: `ncp up` exited with {started.returncode}; "
+                            f"see {settings.home / 'logs' / 'up.log'}",
+                            file=sys.stderr,
+                        )
                         return 1
                     if time.monotonic() > deadline:
                         print("ncp demo: the API did not come up within 120s", file=sys.stderr)
@@ -177,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
             job = follow(client, settings, job_id, args.timeout)
             if job["status"] != "succeeded":
                 err = job.get("error") or {}
-                print(f"ncp demo: job {job['status']}: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+                print(
+                    f"ncp demo: job {job['status']}: {err.get('code')}: {err.get('message')}", file=sys.stderr
+                )
                 print(f"ncp demo: logs in {settings.runs_dir / job_id / 'logs'}", file=sys.stderr)
                 return 1
             outputs = {st["name"]: st.get("outputs") or {} for st in job["stages"]}
@@ -197,7 +227,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if started is not None:
                 if args.keep_running:
-                    print(f"ncp demo: the platform keeps running (pid {started.pid}); stop it with "
-                          f"kill {started.pid}", flush=True)
+                    print(
+                        f"ncp demo: the platform keeps running (pid {started.pid}); stop it with "
+                        f"kill {started.pid}",
+                        flush=True,
+                    )
                 else:
                     stop_platform(started)

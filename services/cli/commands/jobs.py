@@ -58,9 +58,16 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         if args.preset not in PRESETS:
             raise ValueError(f"--preset {args.preset!r} is unknown; presets: {sorted(PRESETS)}")
         spec = PRESETS[args.preset]().model_dump(mode="json", exclude_none=True)
-    flags = {"kind": args.kind, "name": args.name, "model.depth": args.depth,
-             "horizon.num_iterations": args.num_iterations, "hardware.gpus": args.gpus,
-             "hardware.device": args.device, "data.source": args.data_source, "data.path": args.data_path}
+    flags = {
+        "kind": args.kind,
+        "name": args.name,
+        "model.depth": args.depth,
+        "horizon.num_iterations": args.num_iterations,
+        "hardware.gpus": args.gpus,
+        "hardware.device": args.device,
+        "data.source": args.data_source,
+        "data.path": args.data_path,
+    }
     for dotted, value in flags.items():
         if value is not None:
             _set_path(spec, dotted, value)
@@ -106,7 +113,10 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
             if item is None:
                 stream_done = True
             elif isinstance(item, ApiClientError):
-                print(f"\n(event stream: {item}; polling instead)" if tty else f"(event stream: {item})", file=out)
+                print(
+                    f"\n(event stream: {item}; polling instead)" if tty else f"(event stream: {item})",
+                    file=out,
+                )
             elif item.event == "error":
                 print(("\n" if tty else "") + f"(event stream error: {item.data})", file=out)
             elif item.event != "end":
@@ -149,6 +159,7 @@ def _run(fn: Any) -> Any:
         except ApiClientError as e:
             print(f"ncp jobs: {e}", file=sys.stderr)
             return 1
+
     return wrapped
 
 
@@ -157,7 +168,9 @@ def _submit(client: JobsClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job)
     else:
-        print(f"submitted job {job['id']} ({job['kind']}, stages: {', '.join(s['name'] for s in job['stages'])})")
+        print(
+            f"submitted job {job['id']} ({job['kind']}, stages: {', '.join(s['name'] for s in job['stages'])})"
+        )
     if args.wait:
         return _exit_code(follow(client, job["id"]))
     return 0
@@ -170,8 +183,10 @@ def _list(client: JobsClient, args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':36}  {'KIND':8}  {'STATUS':10}  {'STAGE':10}  {'%':>5}  CREATED")
     for j in page["data"]:
-        print(f"{j['id']:36}  {j['kind']:8}  {j['status']:10}  {(j['current_stage'] or '-'):10}  "
-              f"{j['progress']['percent']:5.1f}  {j['created_at'][:19]}")
+        print(
+            f"{j['id']:36}  {j['kind']:8}  {j['status']:10}  {(j['current_stage'] or '-'):10}  "
+            f"{j['progress']['percent']:5.1f}  {j['created_at'][:19]}"
+        )
     if page.get("next_cursor"):
         print(f"(more: --cursor {page['next_cursor']})")
     return 0
@@ -239,7 +254,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--data-source", choices=["demo", "local", "remote"])
     s.add_argument("--data-path")
-    s.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override any spec field (JSON value)")
+    s.add_argument(
+        "--set", action="append", metavar="KEY.PATH=VALUE", help="override any spec field (JSON value)"
+    )
     s.add_argument("--idempotency-key")
     s.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     s.add_argument("--json", action="store_true")

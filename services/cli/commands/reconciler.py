@@ -32,8 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
     def report(actions: list) -> None:
         for a in actions:
-            print(f"reconciler: job {a.job_id} {a.action}" + (f" ({a.stage})" if a.stage else "")
-                  + (f": {a.detail}" if a.detail else ""), flush=True)
+            print(
+                f"reconciler: job {a.job_id} {a.action}"
+                + (f" ({a.stage})" if a.stage else "")
+                + (f": {a.detail}" if a.detail else ""),
+                flush=True,
+            )
 
     if args.once:
         report(reconcile_once(sessions, cfg, enqueue, waiting=lambda: waiting_messages(settings)))
@@ -41,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"ncp reconciler: every {cfg.interval_seconds:g}s, grace {cfg.grace_seconds:g}s, "
-          f"max attempts {cfg.max_attempts}", flush=True)
+    print(
+        f"ncp reconciler: every {cfg.interval_seconds:g}s, grace {cfg.grace_seconds:g}s, "
+        f"max attempts {cfg.max_attempts}",
+        flush=True,
+    )
     run_forever(sessions, cfg, enqueue, stop, on_pass=report, waiting=lambda: waiting_messages(settings))
     return 0

@@ -13,8 +13,12 @@ from shared.jobs.queues import QUEUES, TRAIN
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("worker", help="run a Celery worker for the given queues")
     p.add_argument("--queues", default=None, help="comma list of queues (default: NCP_WORKER_QUEUES)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="worker processes (default 1; always 1 with the train queue)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="worker processes (default 1; always 1 with the train queue)",
+    )
     p.add_argument("--loglevel", default=None, help="default: NCP_LOG_LEVEL")
     p.set_defaults(func=run)
 
@@ -33,12 +37,25 @@ def worker_argv(queues: list[str], concurrency: int | None, loglevel: str) -> li
     if TRAIN in queues:
         # One training task at a time per worker: it owns this worker's GPUs until it ends.
         if concurrency not in (None, 1):
-            print(f"ncp worker: the train queue runs one task at a time; ignoring --concurrency {concurrency}",
-                  file=sys.stderr)
+            print(
+                f"ncp worker: the train queue runs one task at a time; ignoring --concurrency {concurrency}",
+                file=sys.stderr,
+            )
         concurrency = 1
     name = f"{'+'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
-    return ["worker", "-Q", ",".join(queues), "-c", str(concurrency or 1), "-n", name,
-            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    return [
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-c",
+        str(concurrency or 1),
+        "-n",
+        name,
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
