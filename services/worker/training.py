@@ -175,6 +175,9 @@ def _train(
     if resume_step is not None:
         ctx.event("resume", f"{mode} resumes from checkpoint step {resume_step}", {"step": resume_step})
     forward = ProgressForwarder(ctx.sessions, ctx.job_id, ctx.stage, kind)
+    if resume_step is not None:
+        _replay_unforwarded(ctx, forward, resume_step)
+        _sync_checkpoints(ctx, ckpt_dir, kind, forward)
 
     if int(ctx.spec.get("hardware", {}).get("nodes", 1)) > 1:
         rc, cancelled, error = _train_multinode(ctx, mode, cfg_path, forward)
@@ -229,16 +232,46 @@ def _train(
     }
 
 
+def _replay_unforwarded(ctx: StageContext, forward: ProgressForwarder, resume_step: int) -> None:
+    """Forward the steps a killed attempt trained and wrote to progress.jsonl but whose records never
+    reached the registry (its worker died first). Only steps the checkpoint covers are replayed:
+    later ones are trained again, identically, and forwarded live. Pretraining records carry no
+    `stage` key; SFT's say "sft"."""
+    old = ProgressTail(ctx.run.progress_file, start_at_end=False).read()
+    mine = [
+        r
+        for r in old
+        if r.get("type") == "progress"
+        and r.get("stage", "pretrain") == ctx.stage
+        and isinstance(r.get("step"), int)
+        and r["step"] <= resume_step
+    ]
+    if mine:
+        forward(mine)
+
+
 def _sync_checkpoints(ctx: StageContext, ckpt_dir: Path, kind: str, forward: ProgressForwarder) -> None:
-    """Register complete checkpoints on disk the progress records did not announce (the previous
-    attempt died before its record was forwarded)."""
-    step = latest_complete_step(ckpt_dir)
-    if step is None:
+    """Register every complete checkpoint on disk that the progress records did not announce: an
+    attempt killed between writing a checkpoint and forwarding its record leaves one (or several,
+    if the forwarder lagged) that the registry must still list."""
+    if not ckpt_dir.is_dir():
+        return
+    from shared.nanochat.checkpoint import META_FILE, list_checkpoints
+
+    on_disk = [c for c in list_checkpoints(ckpt_dir) if c.complete]
+    if not on_disk:
         return
     with session_scope(ctx.sessions) as s:
         known = {c.step for c in registry.list_checkpoints(s, ctx.job_id, kind=kind)}
-        if step not in known:
-            registry.record_checkpoint(s, ctx.job_id, ctx.stage, step, str(ckpt_dir), kind=kind)
+        for c in on_disk:
+            if c.step not in known:
+                meta = c.meta or {}
+                # Same shape as a forwarded record: the meta file's path and the file names.
+                path = ckpt_dir / META_FILE.format(step=c.step)
+                registry.record_checkpoint(
+                    s, ctx.job_id, ctx.stage, c.step, str(path), kind=kind,
+                    val_bpb=meta.get("val_bpb"), files=sorted(meta.get("files") or {}),
+                )  # fmt: skip
 
 
 def _train_multinode(
