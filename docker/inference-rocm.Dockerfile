@@ -1,7 +1,7 @@
 # Inference image for AMD GPUs (MI300X): the vLLM project's ROCm image, with our package installed so the
 # nanochat vLLM plugin's entry point (vllm.general_plugins) registers. vLLM's torch is kept.
 # Build from the repository root: docker build -f docker/inference-rocm.Dockerfile -t nanochat/inference-rocm .
-ARG VLLM_IMAGE=vllm/vllm-openai-rocm:v0.31.0
+ARG VLLM_IMAGE=vllm/vllm-openai-rocm:v0.32.0
 ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
 
 # Only what the supervisor, the plugin and the native fallback server need beyond vLLM's own.
