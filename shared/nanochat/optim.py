@@ -189,8 +189,13 @@ class MuonAdamW(torch.optim.Optimizer):
     def _scalars(device: torch.device, *values: float) -> tuple[Tensor, ...]:
         # One small copy per call, on the parameters' device: 0-D tensors (not Python floats) so
         # a compiled kernel does not recompile as schedules move, and no CPU/GPU device mixing
-        # inside eager-mode ops like lerp_.
-        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).unbind(0)
+        # inside eager-mode ops like lerp_. On a GPU the copy goes through pinned memory and is
+        # non-blocking: a pageable host->device copy synchronizes the stream, which would stall
+        # the host once per parameter every step.
+        host = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        if device.type != "cuda":
+            return host.to(device).unbind(0)
+        return host.pin_memory().to(device, non_blocking=True).unbind(0)
 
     # Phase 1: launch gradient reductions --------------------------------------------------
     def _reduce_adamw(self, group: dict, world: int) -> list[dict]:
