@@ -4,7 +4,8 @@ One optimizer object covers single-process and distributed training. Under a mul
 group the gradients are averaged *inside* `step()` (there is no DDP wrapper): AdamW tensors are
 reduce-scattered by rows and Muon stacks are reduce-scattered by matrix, each rank updates only
 its shard (so optimizer state is sharded, ZeRO-2 style), and the updated parameters are
-all-gathered. Tiny tensors (< 1024 elements) are all-reduced and updated everywhere.
+all-gathered. Tiny tensors (< 1024 elements), and AdamW tensors whose rows do not divide by
+the world size, are all-reduced and updated everywhere.
 
 The update math follows the reference nanochat (KellerJordan's Muon as modified there):
 Nesterov momentum -> row equilibration -> Polar Express orthogonalization -> Frobenius-norm snap
@@ -203,14 +204,12 @@ class MuonAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             if world == 1:
                 infos.append(dict(work=None, grad=p.grad, sharded=False))
-            elif p.numel() < SMALL_PARAM_NUMEL:
+            elif p.numel() < SMALL_PARAM_NUMEL or p.shape[0] % world:
+                # Rows that do not split evenly over the ranks (e.g. a 64-padded vocabulary on 3 or
+                # 6 GPUs) cannot be reduce-scattered: all-reduce and update the whole tensor.
                 work = dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
                 infos.append(dict(work=work, grad=p.grad, sharded=False))
             else:
-                if p.shape[0] % world:
-                    raise ValueError(
-                        f"AdamW param of shape {tuple(p.shape)}: dim 0 must divide by world_size {world}"
-                    )
                 shard = torch.empty_like(p.grad[: p.shape[0] // world])
                 work = _reduce_scatter(shard, p.grad, op=dist.ReduceOp.AVG, async_op=True)
                 infos.append(dict(work=work, grad=shard, sharded=True))

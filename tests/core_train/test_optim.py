@@ -236,13 +236,14 @@ def _make_params():
     muon1 = [torch.nn.Parameter(torch.randn(24, 8) * 0.1)]  # rank 1 owns nothing
     big = torch.nn.Parameter(torch.randn(64, 32) * 0.1)  # >= 1024 elements: reduce-scattered rows
     small = torch.nn.Parameter(torch.randn(6))  # all-reduced
+    odd = torch.nn.Parameter(torch.randn(33, 32) * 0.1)  # >= 1024 elements, 33 rows: all-reduced
     groups = [
-        dict(kind="adamw", params=[big], lr=1e-2, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01),
+        dict(kind="adamw", params=[big, odd], lr=1e-2, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01),
         dict(kind="adamw", params=[small], lr=5e-2, betas=(0.96, 0.95), eps=1e-10, weight_decay=0.0),
         dict(kind="muon", params=muon3, lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.1),
         dict(kind="muon", params=muon1, lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.1),
     ]
-    return [big, small, *muon3, *muon1], groups
+    return [big, small, odd, *muon3, *muon1], groups
 
 
 def _grad(step, rank, shape, idx):
@@ -266,6 +267,7 @@ def _worker(rank, port, out_path):
         # sharded state: each rank holds only its slice of the big AdamW tensor
         big_state = opt.state[params[0]]["exp_avg"]
         assert big_state.shape[0] == params[0].shape[0] // WORLD
+        assert opt.state[params[2]]["exp_avg"].shape == params[2].shape  # rows not divisible: whole
         dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
