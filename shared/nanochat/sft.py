@@ -172,7 +172,13 @@ def _optimizer(model: GPT, cfg: SFTConfig, base_meta: dict, device: torch.device
     for g in groups:
         g["lr"] *= cfg.init_lr_frac
         g["initial_lr"] = g["lr"]
-    return MuonAdamW(groups, ortho_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    gpu = device.type == "cuda"
+    # Compiled update kernels exactly when the forward is compiled, as in pretraining.
+    return MuonAdamW(
+        groups,
+        ortho_dtype=torch.bfloat16 if gpu else torch.float32,
+        compile_kernels=gpu if cfg.compile is None else cfg.compile,
+    )
 
 
 def _load_momenta(optimizer: MuonAdamW, state: dict) -> None:
