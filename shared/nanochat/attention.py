@@ -132,10 +132,32 @@ def select_backend(
 
 
 def backend_works(backend: str, device: torch.device | str, head_dim: int = 128) -> bool:
-    """Run `backend` once on a small windowed GQA problem (training and KV-cache paths) and
-    compare with the math reference. Importable is not enough: a build may lack sliding windows
-    (some ROCm flash-attn backends) or a head size; "auto" then moves on to the next exact kernel."""
+    """Run `backend` once on a small windowed GQA problem (training forward and backward, and the
+    KV-cache path) and compare with the math reference. Importable is not enough: a build may lack
+    sliding windows (some ROCm flash-attn backends), a head size, or a backward for either (FA2's
+    backward needs an A100/H100 for head dims > 192); "auto" then moves on to the next exact kernel."""
     return _probe(backend, str(torch.device(device)), head_dim)
+
+
+# Largest gradient error a backend may show against the math reference, relative to the largest
+# reference gradient. bf16 kernels stay well under it (~5e-3 on CPU); a window off by one key
+# already moves dq by ~0.2, a backward that ignores the window by ~0.4.
+GRAD_PROBE_TOL = 0.1
+
+
+def _grad_error(fn, q, k, v, dy) -> float:
+    """max |grad(fn) - grad(math)| / max |grad(math)| over q, k, v for attention with window 64.
+    Gradients are taken even when called under no_grad or inference mode (model setup often is)."""
+    with torch.inference_mode(False), torch.enable_grad():
+
+        def grads(f):
+            xs = [t.clone().requires_grad_() for t in (q, k, v)]
+            f(*xs).backward(dy.clone())
+            return [x.grad.float() for x in xs]  # type: ignore[union-attr]
+
+        want = grads(lambda a, b, c: _math(a, b, c, 64, 0))
+        got = grads(fn)
+    return max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want, strict=True))
 
 
 @functools.cache
@@ -143,7 +165,9 @@ def _probe(backend: str, device: str, head_dim: int) -> bool:
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 256, h, head_dim, generator=g).to(device, dtype) for h in (4, 2, 2))
+    dy = torch.randn(1, 256, 4, head_dim, generator=g).to(device, dtype)
     try:
+        grad_err = _grad_error(lambda a, b, c: attention(a, b, c, window=64, backend=backend), q, k, v, dy)
         with torch.no_grad():
             want = _math(q, k, v, 64, 0).float()
             got = attention(q, k, v, window=64, backend=backend).float()
@@ -159,7 +183,8 @@ def _probe(backend: str, device: str, head_dim: int) -> bool:
         return False
     cached = torch.cat([first, rest], dim=1).float()
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
-    return bool((got - want).abs().max() < tol and (cached - want).abs().max() < tol)
+    forward_ok = (got - want).abs().max() < tol and (cached - want).abs().max() < tol
+    return bool(forward_ok and grad_err < GRAD_PROBE_TOL)
 
 
 # --- masks -----------------------------------------------------------------------------------------

@@ -89,6 +89,25 @@ def test_backend_probe():
     assert not backend_works("fa3", "cpu", 64)  # not importable here: the probe fails, not crashes
 
 
+def test_backend_probe_runs_backward_even_under_inference_mode():
+    """The probe also checks the training backward (a kernel build may lack a windowed or large-head
+    backward). Model setup often runs under no_grad / inference_mode, which must not fail it."""
+    from shared.nanochat.attention import GRAD_PROBE_TOL, _grad_error, _math, backend_works
+
+    with torch.inference_mode():
+        assert backend_works("sdpa", "cpu", 48)  # a head size no other test has probed (cached)
+    with torch.no_grad():
+        assert backend_works("flex", "cpu", 40)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(1, 256, h, 64, generator=g, dtype=dtype) for h in (4, 2, 2))
+        dy = torch.randn(1, 256, 4, 64, generator=g, dtype=dtype)
+        sdpa = _grad_error(lambda a, b, c: attention(a, b, c, window=64, backend="sdpa"), q, k, v, dy)
+        assert sdpa < GRAD_PROBE_TOL / 5
+        for w in (63, 65, 10**6):  # window off by one either way, or ignored: rejected
+            assert _grad_error(lambda a, b, c, w=w: _math(a, b, c, w, 0), q, k, v, dy) > GRAD_PROBE_TOL
+
+
 def test_select_backend():
     assert select_backend("cpu", 512, 2048) == "sdpa"
     assert select_backend("cpu", 512, 2048, requested="flex") == "flex"
