@@ -10,7 +10,8 @@ the world size, are all-reduced and updated everywhere.
 The update math follows the reference nanochat (KellerJordan's Muon as modified there):
 Nesterov momentum -> row equilibration -> Polar Express orthogonalization -> Frobenius-norm snap
 -> NorMuon variance reduction -> cautious weight decay + step. Hyperparameters are passed to the
-update functions as 0-D CPU tensors so a compiled kernel never recompiles when a schedule moves.
+update functions as 0-D tensors on the parameters' device (copied without a host sync) so a compiled
+kernel never recompiles when a schedule moves.
 """
 
 from __future__ import annotations
