@@ -9,6 +9,7 @@ must be applied before the first GPU allocation (the caching allocator reads its
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ ROCM_ENV_DEFAULTS = {
     "PYTORCH_ALLOC_CONF": "expandable_segments:True",
 }
 CUDA_ENV_DEFAULTS = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+# The caching allocator's config, under the unified name and its older per-vendor aliases.
+ALLOC_CONF_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+# Before this torch release the CUDA/HIP allocator silently ignores expandable_segments given as
+# PYTORCH_ALLOC_CONF (pytorch/pytorch#183387, seen on 2.9.1); it still honours the old alias.
+UNIFIED_ALLOC_CONF_SINCE = (2, 11)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -67,14 +73,23 @@ def is_rocm_build() -> bool:
     return torch.version.hip is not None
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = re.findall(r"\d+", version)[:2]
+    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
+
+
 def apply_env_defaults(
     env: MutableMapping[str, str] | None = None,
     *,
     rocm: bool | None = None,
     hsa_override_gfx_version: str | None = None,
+    torch_version: str | None = None,
 ) -> dict[str, str]:
     """Set the vendor env defaults where unset; returns what was set. HSA_OVERRIDE_GFX_VERSION is
-    only set when asked for (it makes ROCm treat the GPU as another gfx target)."""
+    only set when asked for (it makes ROCm treat the GPU as another gfx target). An allocator
+    config under any of its names counts as set; on a torch older than UNIFIED_ALLOC_CONF_SINCE
+    (`torch_version`, default the installed one) PYTORCH_ALLOC_CONF is also copied to the alias
+    that torch actually reads."""
     env = os.environ if env is None else env
     rocm = is_rocm_build() if rocm is None else rocm
     wanted = dict(ROCM_ENV_DEFAULTS if rocm else CUDA_ENV_DEFAULTS)
@@ -82,9 +97,14 @@ def apply_env_defaults(
         wanted["HSA_OVERRIDE_GFX_VERSION"] = hsa_override_gfx_version
     applied = {}
     for key, value in wanted.items():
+        if key == "PYTORCH_ALLOC_CONF" and any(name in env for name in ALLOC_CONF_NAMES):
+            continue
         if key not in env:
             env[key] = value
             applied[key] = value
+    old_torch = _major_minor(torch_version or torch.__version__) < UNIFIED_ALLOC_CONF_SINCE
+    if old_torch and "PYTORCH_ALLOC_CONF" in env and not any(n in env for n in ALLOC_CONF_NAMES[1:]):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = applied["PYTORCH_CUDA_ALLOC_CONF"] = env["PYTORCH_ALLOC_CONF"]
     return applied
 
 

@@ -26,9 +26,30 @@ def test_cpu_detection_and_dtype():
             dev.detect_device("rocm")
 
 
+def test_alloc_conf_reaches_the_name_the_installed_torch_reads():
+    # torch < 2.11 ignores expandable_segments under PYTORCH_ALLOC_CONF: mirror it to the alias
+    for version in ("2.9.1+rocm6.4", "2.10.0"):
+        env: dict[str, str] = {}
+        applied = dev.apply_env_defaults(env, rocm=True, torch_version=version)
+        assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+        assert applied["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+        deployed = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # set by compose / helm
+        dev.apply_env_defaults(deployed, rocm=False, torch_version=version)
+        assert deployed["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    env = {}
+    dev.apply_env_defaults(env, rocm=False, torch_version="2.11.0")
+    assert env == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    # an operator's value under an old name wins: no unified default that would override it
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF"):
+        for version in ("2.9.1", "2.13.0"):
+            env = {name: "backend:native"}
+            dev.apply_env_defaults(env, rocm=True, torch_version=version)
+            assert env == {name: "backend:native", "HIP_FORCE_DEV_KERNARG": "1"}
+
+
 def test_rocm_env_defaults_only_where_unset():
     env = {"PYTORCH_ALLOC_CONF": "backend:native"}  # the operator's explicit value wins
-    applied = dev.apply_env_defaults(env, rocm=True)
+    applied = dev.apply_env_defaults(env, rocm=True, torch_version="2.13.0")
     assert applied == {"HIP_FORCE_DEV_KERNARG": "1"}
     assert env == {"PYTORCH_ALLOC_CONF": "backend:native", "HIP_FORCE_DEV_KERNARG": "1"}
     assert "HSA_OVERRIDE_GFX_VERSION" not in env  # never unless asked for
@@ -37,7 +58,7 @@ def test_rocm_env_defaults_only_where_unset():
     assert env2["HSA_OVERRIDE_GFX_VERSION"] == "9.4.2"
     assert env2["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     env3: dict[str, str] = {}
-    dev.apply_env_defaults(env3, rocm=False)
+    dev.apply_env_defaults(env3, rocm=False, torch_version="2.13.0")
     assert env3 == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
 
 
