@@ -157,6 +157,22 @@ def test_gpu_backend_equals_math(backend, window, hkv):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_gpu_backend_backward_equals_math(backend, head_dim):
+    """Training needs the backward too: dq/dk/dv within the probe's tolerance of the fp32 math."""
+    from shared.nanochat.attention import GRAD_PROBE_TOL, _grad_error
+
+    dev = _gpu_device()
+    if backend not in available_backends(dev):
+        pytest.skip(f"{backend} not available on this device")
+    q, k, v = qkv(b=1, t=256, h=4, hkv=2, d=head_dim, dtype=torch.bfloat16, device=dev)
+    dy = torch.randn_like(q)
+    err = _grad_error(lambda a, b, c: attention(a, b, c, window=64, backend=backend), q, k, v, dy)
+    assert err < GRAD_PROBE_TOL / 2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_cached_decode_equals_full(backend):
     dev = _gpu_device()
     if backend not in available_backends(dev):
