@@ -22,6 +22,7 @@ import bisect
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,8 +399,22 @@ class PretrainLoader:
             g = n_rg + r
         self._cursor = (epoch, p, g, 0)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the producer thread and wait for it. A daemon thread still inside pyarrow or the
+        tokenizer when the interpreter exits can abort the whole process (std::terminate in their
+        native thread pools; seen as SIGABRT of a rank that stopped early), so close() joins it.
+        The producer finishes the chunk it is on; draining the queue unblocks a pending put."""
         self._stop.set()
+        t = self._thread
+        if t is None or t is threading.current_thread():
+            return
+        deadline = time.monotonic() + timeout
+        while t.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)
 
     def __del__(self):
         stop = getattr(self, "_stop", None)
