@@ -177,7 +177,7 @@ def _train(
     forward = ProgressForwarder(ctx.sessions, ctx.job_id, ctx.stage, kind)
     if resume_step is not None:
         _replay_unforwarded(ctx, forward, resume_step)
-        _sync_checkpoints(ctx, ckpt_dir, kind, forward)
+        _sync_checkpoints(ctx, ckpt_dir, kind)
 
     if int(ctx.spec.get("hardware", {}).get("nodes", 1)) > 1:
         rc, cancelled, error = _train_multinode(ctx, mode, cfg_path, forward)
@@ -207,7 +207,7 @@ def _train(
                 f"trainer did not stop in time: sent {result.escalation}",
                 {"signal": result.escalation},
             )
-    _sync_checkpoints(ctx, ckpt_dir, kind, forward)
+    _sync_checkpoints(ctx, ckpt_dir, kind)
     if ctx.heartbeat.lost.is_set():
         raise LeaseLost(ctx.job_id)
     if cancelled:
@@ -250,7 +250,7 @@ def _replay_unforwarded(ctx: StageContext, forward: ProgressForwarder, resume_st
         forward(mine)
 
 
-def _sync_checkpoints(ctx: StageContext, ckpt_dir: Path, kind: str, forward: ProgressForwarder) -> None:
+def _sync_checkpoints(ctx: StageContext, ckpt_dir: Path, kind: str) -> None:
     """Register every complete checkpoint on disk that the progress records did not announce: an
     attempt killed between writing a checkpoint and forwarding its record leaves one (or several,
     if the forwarder lagged) that the registry must still list."""
