@@ -101,9 +101,11 @@ def child_env(cfg: LaunchConfig) -> dict[str, str]:
     env.update(cfg.extra_env)
     env["PYTHONUNBUFFERED"] = "1"
     if cfg.gpus:
-        # Both names: the same image runs on ROCm (HIP_*) and CUDA.
-        env["CUDA_VISIBLE_DEVICES"] = cfg.gpus
-        env["HIP_VISIBLE_DEVICES"] = cfg.gpus
+        # Imported here: the worker module must load without torch (api image); the launcher only
+        # runs in worker images, which have it.
+        from shared.nanochat.device import visible_devices_env
+
+        env.update(visible_devices_env(cfg.gpus))
     return env
 
 
