@@ -23,6 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.nanochat.jsonl import iter_jsonl
+
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 COMPLETE_MARKER = ".complete"
 INCOMPLETE_MARKER = ".incomplete"
@@ -313,20 +315,12 @@ def iter_source_docs(path: Path, text_column: str = "text") -> Iterator[str]:
                 raise ValueError(f"{path}: column {text_column!r} has type {col.type}, expected string")
             yield from (t for t in col.to_pylist() if t is not None)
     elif kind == "jsonl":
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                line = _decode(raw, f"{path}:{lineno}").strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-                if not isinstance(obj, dict) or text_column not in obj:
-                    raise ValueError(f"{path}:{lineno}: no field {text_column!r}; set text_column")
-                if not isinstance(obj[text_column], str):
-                    raise ValueError(f"{path}:{lineno}: field {text_column!r} is not a string")
-                yield obj[text_column]
+        for where, obj in iter_jsonl(path):
+            if not isinstance(obj, dict) or text_column not in obj:
+                raise ValueError(f"{where}: no field {text_column!r}; set text_column")
+            if not isinstance(obj[text_column], str):
+                raise ValueError(f"{where}: field {text_column!r} is not a string")
+            yield obj[text_column]
     else:
         yield _decode(Path(path).read_bytes(), str(path))
 

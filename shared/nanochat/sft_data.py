@@ -14,7 +14,6 @@ targets are ignored. Targets are -1 wherever the loss mask is 0, so only assista
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from shared.nanochat.chat_format import normalize_messages, render_conversation
 from shared.nanochat.eval.fixtures import BUILTINS, KEYWORDS
 from shared.nanochat.eval.gsm8k import gsm8k_conversation
 from shared.nanochat.eval.tasks import load_conversations, mmlu_conversation, smoltalk_conversation
+from shared.nanochat.jsonl import iter_jsonl
 
 MIXTURES = ("default", "demo", "jsonl")
 
@@ -36,26 +36,17 @@ def read_conversations_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"conversations file {path} does not exist")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            conv = {"messages": obj} if isinstance(obj, list) else obj
-            try:
-                if not isinstance(conv, dict):
-                    raise ValueError("expected an object with 'messages' or a list of messages")
-                messages = normalize_messages(conv)
-                if messages[-1]["role"] != "assistant":
-                    raise ValueError(
-                        "the last message must be from the assistant (nothing to learn otherwise)"
-                    )
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            out.append({"messages": conv["messages"]})
+    for where, obj in iter_jsonl(path):
+        conv = {"messages": obj} if isinstance(obj, list) else obj
+        try:
+            if not isinstance(conv, dict):
+                raise ValueError("expected an object with 'messages' or a list of messages")
+            messages = normalize_messages(conv)
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("the last message must be from the assistant (nothing to learn otherwise)")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        out.append({"messages": conv["messages"]})
     if not out:
         raise ValueError(f"{path}: no conversations")
     return out

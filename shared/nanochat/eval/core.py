@@ -15,7 +15,6 @@ are reproducible and independent of evaluation order.
 from __future__ import annotations
 
 import csv
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+
+from shared.nanochat.jsonl import iter_jsonl
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -169,18 +170,11 @@ def load_task_data(path: Path, task_type: str) -> list[dict]:
     if not path.is_file():
         raise BundleError(f"{path}: missing data file")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BundleError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            problem = _check_item(item, task_type)
-            if problem:
-                raise BundleError(f"{path}:{lineno}: {problem} ({task_type})")
-            items.append(item)
+    for where, item in iter_jsonl(path, BundleError):
+        problem = _check_item(item, task_type)
+        if problem:
+            raise BundleError(f"{where}: {problem} ({task_type})")
+        items.append(item)
     if not items:
         raise BundleError(f"{path}: no items")
     return items

@@ -16,7 +16,6 @@ permutation as the reference, so a `max_per_task` subset picks the same problems
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from shared.nanochat.eval.gsm8k import gsm8k_conversation
+from shared.nanochat.jsonl import iter_jsonl
 
 MC_LETTERS = ("A", "B", "C", "D")
 
@@ -58,17 +58,10 @@ def read_rows(files: list[Path]) -> list[tuple[str, dict]]:
                 raise ValueError(f"{path}: unreadable parquet: {e}") from None
             rows.extend((f"{path} row {i}", row) for i, row in enumerate(table.to_pylist()))
             continue
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                rows.append((f"{path}:{lineno}", row))
+        for where, row in iter_jsonl(path):
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            rows.append((where, row))
     return rows
 
 
