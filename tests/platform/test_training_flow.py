@@ -109,6 +109,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
     procs.kill("train-1", signal.SIGKILL)  # the worker and its pool die at once, no cleanup
     # The trainer does not outlive its worker (PR_SET_PDEATHSIG), so it cannot race the next attempt.
     waiter(lambda: not group_alive(pgid), 10, 0.1, what="the orphaned trainer to die")
+    # Progress lines the first attempt wrote; the second attempt's lines follow them in the file.
+    first_attempt_lines = sum(1 for r in _progress(job_id) if r["type"] == "progress")
     # What the retry must resume from: the newest checkpoint complete on disk when the worker died.
     # (The registry's step lags the trainer by up to one forwarding interval, so it is no bound.)
     from shared.nanochat.checkpoint import latest_step
@@ -135,8 +137,9 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
     assert _metric_steps(sessions, job_id) == list(range(1, 41))
     # The trainer's own log shows continuation: the second attempt started right after the checkpoint.
     progress_steps = [r["step"] for r in _progress(job_id) if r["type"] == "progress"]
-    restart = next(i for i in range(1, len(progress_steps)) if progress_steps[i] <= progress_steps[i - 1])
-    assert progress_steps[restart] == resumed_from + 1
+    # (Indexing by line count, not by a step going backwards: the kill can land right after the
+    # checkpoint's own step, and then no step repeats.)
+    assert progress_steps[first_attempt_lines] == resumed_from + 1
     assert progress_steps[-1] == 40
     assert f"job {job_id} retried" in procs.log("reconciler")
     assert (
