@@ -14,6 +14,7 @@ from shared.db import registry as r
 from shared.jobs.spec import demo_spec
 from shared.paths import run_paths
 from shared.settings import Settings
+from tests.servers import redis_url
 
 from .conftest import free_port
 
@@ -256,7 +257,7 @@ def test_database_down_is_503_not_a_crash(settings):
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_readiness(settings):
-    with TestClient(create_app(settings.model_copy(update={"broker_url": "redis://127.0.0.1:6379/15"}))) as c:
+    with TestClient(create_app(settings.model_copy(update={"broker_url": redis_url(15)}))) as c:
         resp = c.get("/readyz")
         assert resp.status_code == 200 and resp.json()["checks"] == {"database": "ok", "broker": "ok"}
     dead_broker = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.conftest import REPO
+from tests.servers import redis_url
 
 # A Redis database of its own (pidbox broadcasts are per database): nothing else consumes here.
-BROKER = "redis://127.0.0.1:6379/8"
+BROKER = redis_url(8)
 
 
 def healthcheck(dockerfile: str) -> list[str]:

@@ -20,11 +20,13 @@ import psycopg
 import pytest
 import redis
 
+from tests.servers import redis_url
+
 REPO = Path(__file__).resolve().parents[2]
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 # A Redis DB of its own: other areas' tests and developers use DB 0.
 REDIS_DB = 13
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+REDIS_URL = redis_url(REDIS_DB)
 
 
 @pytest.fixture(scope="module")
