@@ -1,7 +1,7 @@
 # Training worker for NVIDIA GPUs: the official PyTorch CUDA runtime image, its own torch kept.
 # Build from the repository root: docker build -f docker/train-cuda.Dockerfile -t nanochat/train-cuda .
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
-ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 FROM ${PYTHON_IMAGE} AS reqs
 WORKDIR /src
@@ -32,6 +32,6 @@ RUN python -m pip install --no-deps /tmp/wheels/*.whl \
     && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
 USER 10001
 WORKDIR /home/ncp
-HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 | grep -q \"@$(hostname): OK\""]
+HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
+    CMD ["ncp", "worker", "--healthcheck"]
 CMD ["ncp", "worker", "--queues", "train"]

@@ -5,9 +5,9 @@
 Reads `$NCP_HOME/serving/current.json` ({"model": name, "path": export_dir}), starts vLLM (with
 our plugin) or the native server as a child process on Settings.inference_port, restarts it when
 current.json changes (the pipeline published a new model) and when it crashes (with backoff).
-The supervisor has no HTTP endpoint of its own: /health and /v1/* are answered by the child, so
-a client never gets an answer the engine did not give. With --model it serves that folder and
-ignores current.json.
+/health and /v1/* are answered by the child. While no child runs (no model published yet, or an
+engine restarting), services/inference/waiting.py answers instead: /health says "no model yet"
+(healthy) or 503, everything else 503. With --model it serves that folder and ignores current.json.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.inference.publish import CURRENT_FILE, read_current
+from services.inference.waiting import WaitingServer
 from shared.nanochat.export import check_export
 
 log = logging.getLogger("ncp.serve")
@@ -118,6 +119,16 @@ class Supervisor:
         self.restarts = 0
         self._next_start = 0.0
         self._backoff = 1.0
+        self.waiting = WaitingServer(cfg.host, cfg.port, self.waiting_status)
+
+    def waiting_status(self) -> tuple[int, str]:
+        wanted = self.wanted()
+        if wanted is None:
+            return 200, f"no model yet: nothing is published in {self.serving_dir}"
+        return (
+            503,
+            f"the {self.engine} engine for {wanted['model']} is not running yet (starting, restarting)",
+        )
 
     def wanted(self) -> dict | None:
         if self.fixed is not None:
@@ -136,6 +147,7 @@ class Supervisor:
         check_export(Path(record["path"]))
         cmd = child_command(self.cfg, self.engine, record["model"], record["path"])
         log.info("starting %s engine for %s: %s", self.engine, record["model"], shlex.join(cmd))
+        self.waiting.stop()  # the engine takes the port over
         # Own process group: stopping the child also stops vLLM's engine-core/worker processes.
         self.child = subprocess.Popen(cmd, start_new_session=True)
         self.current = record
@@ -177,6 +189,8 @@ class Supervisor:
                 self.current = wanted
                 self._next_start = time.monotonic() + self._backoff
                 self._backoff = min(self._backoff * 2, self.cfg.max_backoff_seconds)
+        if self.child is None:
+            self.waiting.start()
 
     def run(self) -> None:
         stopping = False
@@ -195,6 +209,7 @@ class Supervisor:
                 time.sleep(self.cfg.poll_seconds)
         finally:
             self.stop()
+            self.waiting.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
