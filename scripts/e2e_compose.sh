@@ -209,6 +209,9 @@ start_daemon() {
   die "dockerd did not start (logs in $RUN)"
 }
 start_daemon
+# Stopped containers of an earlier, interrupted run (a failed build's, a scenario's): the daemon is
+# this script's alone, so whatever is not running is leftover.
+docker container prune -f >/dev/null
 
 # --- 3. base images and project images ------------------------------------------------------------
 ensure_debian() {
@@ -256,7 +259,7 @@ build ncp-e2e/redis:7-bookworm "$STANDINS/redis.Dockerfile" "$STANDINS"
 # The torch CPU wheel, as this host's pip finds it (its index or a local wheel folder), served on
 # loopback to the build (which runs with the host's network) as TORCH_FIND_LINKS.
 WHEELS=$CACHE/wheels
-if ! ls "$WHEELS"/torch-"${TORCH_VERSION//+/?}"-*.whl >/dev/null 2>&1; then
+if ! compgen -G "$WHEELS/torch-${TORCH_VERSION//+/?}-*.whl" >/dev/null; then
   log "fetching torch==$TORCH_VERSION for Python $STANDIN_PYTHON"
   python3 -m pip download -q --no-deps --only-binary :all: --python-version "$STANDIN_PYTHON" \
     --platform manylinux_2_28_x86_64 -d "$WHEELS" "torch==$TORCH_VERSION"

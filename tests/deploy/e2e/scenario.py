@@ -35,7 +35,7 @@ LABEL = "ncp-e2e"  # on every container/volume/network this script creates: clea
 
 
 class CheckFailed(Exception):
-    pass
+    recorded = False  # True once its FAIL line is in the checks file
 
 
 class Run:
@@ -53,7 +53,9 @@ class Run:
             f.write(f"{name}\t{'PASS' if ok else 'FAIL'}\t{detail}\n")
         print(f"[scenario] {'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
         if not ok:
-            raise CheckFailed(f"{name}: {detail}")
+            err = CheckFailed(f"{name}: {detail}")
+            err.recorded = True
+            raise err
 
     def container(self, service: str) -> str:
         out = docker(
@@ -133,8 +135,10 @@ KILL_AFTER_CHECKPOINT = 16
 
 def run_job(run: Run) -> str:
     r = run.api.post("/jobs", json=SPEC, headers={"Idempotency-Key": f"e2e-{os.getpid()}"})
-    run.record("POST /jobs (tiny pipeline)", r.status_code == 202, f"HTTP {r.status_code} {r.text[:200]}")
-    job_id = r.json()["id"]
+    job_id = r.json().get("id") if r.status_code == 202 else None
+    run.record(
+        "POST /jobs (tiny pipeline)", job_id is not None, f"HTTP {r.status_code} job {job_id or r.text[:200]}"
+    )
     t0 = time.monotonic()
 
     def checkpointed() -> dict | None:
@@ -413,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in only:
             steps[name](run)
     except (CheckFailed, httpx.HTTPError, subprocess.TimeoutExpired) as e:
-        with run.checks.open("a") as f:
-            f.write(f"scenario step {name!r}\tFAIL\t{str(e)[:300]}\n")
+        if not getattr(e, "recorded", False):
+            with run.checks.open("a") as f:
+                f.write(f"scenario step {name!r}\tFAIL\t{str(e)[:300]}\n")
         print(f"[scenario] FAILED in {name}: {e}", file=sys.stderr)
         return 1
     return 0
