@@ -29,8 +29,7 @@ ARG TORCH_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 NCP_HOME=/data/ncp
 # torch first, pinned, from the CPU index: resolved from PyPI it would be the multi-GB CUDA build.
 # The constraint file then keeps every later install from replacing it.
-RUN pip install --index-url "${TORCH_INDEX_URL}" ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} \
-      "torch==${TORCH_VERSION}" \
+RUN PIP_FIND_LINKS="${TORCH_FIND_LINKS}" pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt
 COPY --from=reqs /src/requirements.txt /tmp/requirements.txt
 RUN pip install -c /tmp/constraints.txt -r /tmp/requirements.txt

@@ -24,7 +24,7 @@
 # compose plugin. A warm run skips the base images and most build steps. `rm -rf` it to start cold.
 # Environment: NCP_E2E_CACHE, NCP_E2E_CA_BUNDLE (CA file the builds trust, default the host's),
 # NCP_E2E_KEEP=1 (keep the run folder with logs), NCP_E2E_TIMEOUT
-# (seconds for the job, default 1500). scripts/test.sh skips this script when NCP_SKIP_E2E=1.
+# (seconds for the job, default 1500). scripts/test.sh skips this script when NCP_E2E_SKIP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
