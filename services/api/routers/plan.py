@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from services.api.deps import AuthDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError
-from shared.jobs.spec import JobCreate, JobSpec
+from shared.jobs.spec import PRESETS, JobCreate, JobSpec
 from shared.nanochat import sizing
 
 router = APIRouter(prefix="/plan", tags=["plan"])
@@ -117,6 +117,11 @@ def _field_of(message: str) -> str | None:
 @router.get("/gpus", response_model=GpusPublic, responses=_ERRORS, summary="Accelerators a plan can assume")
 def plan_gpus(_auth: AuthDep) -> GpusPublic:
     return GpusPublic(peak_flops=dict(sizing.PEAK_FLOPS), default=DEFAULT_GPU)
+
+
+@router.get("/presets", responses=_ERRORS, summary="Named job specs (what `ncp jobs submit --preset` uses)")
+def plan_presets(_auth: AuthDep) -> dict[str, dict[str, Any]]:
+    return {name: make().model_dump(mode="json") for name, make in PRESETS.items()}
 
 
 @router.post(

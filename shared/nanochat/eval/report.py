@@ -73,7 +73,8 @@ def _plot(losses, bpbs, out: Path) -> bool:
     return True
 
 
-def _latest(eval_dir: Path, kind: str) -> dict | None:
+def latest_eval(eval_dir: Path, kind: str) -> dict | None:
+    """The newest (highest step) `{kind}_eval_<step>.json` result in `eval_dir`, or None."""
     best = None
     for p in sorted(eval_dir.glob(f"{kind}_eval_*.json")):
         try:
@@ -177,7 +178,7 @@ def write_report(run_dir, job: dict | None = None) -> Path:
     elif not losses:
         lines.append("- no training progress recorded")
     lines.append("")
-    base, chat = _latest(paths.eval, "base"), _latest(paths.eval, "chat")
+    base, chat = latest_eval(paths.eval, "base"), latest_eval(paths.eval, "chat")
     if base:
         lines += _base_section(base)
     if chat:
