@@ -106,9 +106,11 @@ def test_report_with_plots_and_tables(tmp_path):
     ]:
         assert f"![{caption}]({file})" in md
     # the job as it ends, not "running"
-    assert "| status | succeeded |" in md and "running" not in md and '"depth": 4' in md
+    assert "| status | succeeded |" in md and "running" not in md and "| report | succeeded |" in md
+    assert '"depth": 4' in md
     # the final table: steps done of planned, smoothed final loss, best and last bpb, throughput, MFU, time
-    row = next(line for line in md.splitlines() if line.startswith("| pretrain |"))
+    summary = md.split("## Summary", 1)[1].split("## Training", 1)[0]
+    row = next(line for line in summary.splitlines() if line.startswith("| pretrain |"))
     raw = [5.0 - 0.1 * s + (0.3 if s % 2 else -0.3) for s in range(1, 21)]
     assert row.split(" | ")[1:] == [
         "20 / 20", f"{smooth(raw)[-1]:.4f}", "1.9000", "1.9000", "1,010", "40.0%", "1m 00s |"

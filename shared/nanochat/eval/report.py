@@ -182,7 +182,22 @@ def _job_section(job: dict | None) -> list[str]:
         if isinstance(v, (dict, list)):
             continue
         lines.append(f"| {k} | {str(v).replace('|', '/')} |")
-    nested = {k: v for k, v in job.items() if isinstance(v, (dict, list))}
+    stages, checkpoints = job.get("stages"), job.get("checkpoints")
+    if isinstance(stages, dict) and stages:
+        lines += ["", "| stage | status |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in stages.items())]
+    if isinstance(checkpoints, list) and checkpoints:
+        lines += ["", "| checkpoint | step | val bpb |", "| --- | --- | --- |"]
+        lines += [
+            f"| {c.get('kind')} | {c.get('step')} | {_fmt(c.get('val_bpb'))} |"
+            for c in checkpoints
+            if isinstance(c, dict)
+        ]
+    # Eval numbers have their own sections below; anything else nested is shown as it is.
+    nested = {
+        k: v
+        for k, v in job.items()
+        if isinstance(v, (dict, list)) and k not in ("stages", "checkpoints", "eval")
+    }
     if nested:
         lines += ["", "```json", json.dumps(nested, indent=2, default=str), "```"]
     return lines + [""]

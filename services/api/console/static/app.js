@@ -3,7 +3,7 @@
 import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { onUnauthorized, token } from "./api.js";
-import { html, Link, navigate, useRoute } from "./ui.js";
+import { BASE, html, Link, navigate, useRoute } from "./ui.js";
 import { JobsPage } from "./pages/jobs.js";
 import { JobPage } from "./pages/job.js";
 import { NewJobPage } from "./pages/new.js";
@@ -28,7 +28,7 @@ function App() {
       onUnauthorized(() => {
         setSignedIn(!!token.get());
         if (!location.pathname.endsWith("/signin")) {
-          navigate(`/signin?next=${encodeURIComponent(location.pathname.slice(6) || "/")}`, { replace: true });
+          navigate(`/signin?next=${encodeURIComponent(location.pathname.slice(BASE.length) || "/")}`, { replace: true });
         }
       }),
     [],

@@ -5,6 +5,8 @@ import { useEffect, useRef, useState } from "preact/hooks";
 import { api, streamChat } from "../api.js";
 import { ErrorNote, html } from "../ui.js";
 
+const FINISH = { length: "stopped at max tokens", stopped: "stopped", error: "failed" };
+
 export function ChatPage() {
   const [models, setModels] = useState(null);
   const [served, setServed] = useState(null);
@@ -100,7 +102,7 @@ export function ChatPage() {
             (m) => html`<div class=${`msg ${m.role} ${m.streaming ? "streaming" : ""}`} data-role=${m.role}>
               <div class="who">${m.role === "user" ? "you" : model}</div>
               <div class="text">${m.content}${m.streaming ? html`<span class="caret">▍</span>` : ""}</div>
-              ${m.finish && m.finish !== "stop" && html`<div class="muted small">(${m.finish})</div>`}
+              ${m.finish && m.finish !== "stop" && html`<div class="muted small">(${FINISH[m.finish] || m.finish})</div>`}
             </div>`,
           )}
         </div>

@@ -345,17 +345,47 @@ function Checkpoints({ job, events }) {
   </section>`;
 }
 
+// Eval results arrive flattened ("core/results/<task>", "tasks/<task>/accuracy", ...): one row per
+// task with accuracy, centred and problems; the stage's own numbers (val bpb, CORE, ChatCORE) on top.
+const TASK_PATTERNS = [
+  [/^core\/(results|centered|num_items)\/(.+)$/, (m) => [m[2], { results: "accuracy", centered: "centered", num_items: "n" }[m[1]]]],
+  [/^tasks\/(.+)\/(accuracy|centered|n)$/, (m) => [m[1], m[2]]],
+];
+const HEADLINE = { val_bpb: "val bpb", "core/core": "CORE", chatcore: "ChatCORE", seconds: "eval seconds" };
+
+export function pivotEvals(rows) {
+  const tasks = new Map();
+  const headline = [];
+  for (const r of rows) {
+    const hit = TASK_PATTERNS.map(([re, f]) => [r.task.match(re), f]).find(([m]) => m);
+    if (!hit) {
+      headline.push({ stage: r.stage, label: HEADLINE[r.task] || r.task, value: r.value, step: r.checkpoint_step });
+      continue;
+    }
+    const [name, col] = hit[1](hit[0]);
+    const key = `${r.stage}/${name}`;
+    if (!tasks.has(key)) tasks.set(key, { stage: r.stage, name });
+    tasks.get(key)[col] = r.value;
+  }
+  return { headline, tasks: [...tasks.values()] };
+}
+
 function Evals({ job }) {
   const body = useLoad((signal) => api(`/jobs/${job.id}/evals`, { signal }), stagesKey(job));
-  const rows = (body && body.data) || [];
+  const { headline, tasks } = pivotEvals((body && body.data) || []);
   return html`<section class="card" data-testid="evals">
     <h3>Evaluation</h3>
-    ${rows.length
-      ? html`<table><thead><tr><th>stage</th><th>task</th><th>metric</th><th class="num">value</th></tr></thead>
-        <tbody>${rows.map(
-          (r) => html`<tr><td>${r.stage}</td><td>${r.task}</td><td>${r.metric}</td><td class="num">${fmt.num(r.value)}</td></tr>`,
-        )}</tbody></table>`
-      : html`<p class="muted">no evaluation results yet</p>`}
+    ${headline.length === 0 && tasks.length === 0 && html`<p class="muted">no evaluation results yet</p>`}
+    ${headline.length > 0 &&
+    html`<div class="stats eval-head">${headline.map(
+      (h) => html`<div class="stat"><label>${h.stage} · ${h.label}</label><b>${fmt.num(h.value)}</b></div>`,
+    )}</div>`}
+    ${tasks.length > 0 &&
+    html`<table><thead><tr><th>stage</th><th>task</th><th class="num">accuracy</th><th class="num">centred</th><th class="num">problems</th></tr></thead>
+      <tbody>${tasks.map(
+        (t) => html`<tr><td>${t.stage}</td><td>${t.name}</td><td class="num">${fmt.num(t.accuracy)}</td>
+          <td class="num">${fmt.num(t.centered)}</td><td class="num">${fmt.int(t.n)}</td></tr>`,
+      )}</tbody></table>`}
   </section>`;
 }
 
