@@ -181,7 +181,9 @@ class MetricPoint(BaseModel):
     step: int
     value: float
     stage: str
-    ts: dt.datetime
+    ts: dt.datetime | None = Field(
+        default=None, description="When it was recorded; null in downsampled answers"
+    )
 
 
 class MetricsPublic(BaseModel):

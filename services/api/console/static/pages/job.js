@@ -8,6 +8,8 @@ import * as fmt from "../format.js";
 import { ErrorNote, html, ProgressBar, StatusBadge } from "../ui.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+// Points per series of the history: min/max pairs of 500 buckets, more than a chart has pixels.
+const HISTORY_POINTS = 1000;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // Follow an SSE endpoint until the server ends it ("end") or the page goes away; reconnects on
@@ -41,29 +43,34 @@ export function JobPage({ id }) {
   const [events, setEvents] = useState([]);
   const [generation, setGeneration] = useState(0); // bumped by resume: the streams start again
   const [ver, setVer] = useState(0);
+  // The panels under the charts load once the charts' history is in: the charts come first.
+  const [historyIn, setHistoryIn] = useState(false);
   const store = useRef(new SeriesStore());
   const [smoothing, setSmoothing] = useState(0.9);
 
   const loadJob = async (signal) => {
     try {
-      setJob(await api(`/jobs/${id}`, { signal }));
+      const j = await api(`/jobs/${id}`, { signal });
+      setJob(j);
       setError(null);
+      return j;
     } catch (e) {
       if (e.name !== "AbortError") setError(e);
+      return null;
     }
   };
 
-  // Job status: on load, on every event, and every 2 s while it runs.
+  // Job status: on load, on every event, and every 2 s until it has finished.
   useEffect(() => {
     const ctrl = new AbortController();
     let timer;
     const tick = async () => {
-      await loadJob(ctrl.signal);
-      timer = setTimeout(tick, 2000);
+      const j = await loadJob(ctrl.signal);
+      if (!j || !TERMINAL.has(j.status)) timer = setTimeout(tick, 2000);
     };
     tick();
     return () => (ctrl.abort(), clearTimeout(timer));
-  }, [id]);
+  }, [id, generation]);
 
   // Metrics: the whole run downsampled, then every new row from the live stream.
   useEffect(() => {
@@ -76,15 +83,17 @@ export function JobPage({ id }) {
     };
     (async () => {
       try {
-        const body = await api(`/jobs/${id}/metrics`, { params: { points: 2000 }, signal: ctrl.signal });
+        const body = await api(`/jobs/${id}/metrics`, { params: { points: HISTORY_POINTS }, signal: ctrl.signal });
         store.current.loadHistory(body);
-        redraw();
+        setVer((v) => v + 1); // the history at once; live points are batched by redraw()
+        setHistoryIn(true);
         await follow(`/jobs/${id}/metrics`, "after_id", body.last_id || 0, ctrl.signal, (ev) => {
           for (const p of JSON.parse(ev.data).points) store.current.add(p.stage, p.name, p.step, p.value);
           redraw();
         });
       } catch (e) {
         if (!ctrl.signal.aborted) setError(e);
+        setHistoryIn(true);
       }
     })();
     return () => ctrl.abort();
@@ -118,14 +127,15 @@ export function JobPage({ id }) {
     )}
     <div class="two-col">
       <${Events} events=${events} />
-      <${Logs} job=${job} />
+      ${historyIn && html`<${Logs} job=${job} />`}
     </div>
-    <div class="two-col">
-      <${Checkpoints} job=${job} events=${events.length} />
-      <${Evals} job=${job} />
-    </div>
-    <${Samples} job=${job} />
-    <${Report} job=${job} />
+    ${historyIn &&
+    html`<div class="two-col">
+        <${Checkpoints} job=${job} events=${events.length} />
+        <${Evals} job=${job} />
+      </div>
+      <${Samples} job=${job} />
+      <${Report} job=${job} />`}
   </div>`;
 }
 
