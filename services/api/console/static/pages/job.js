@@ -377,6 +377,9 @@ export function pivotEvals(rows) {
     if (!tasks.has(key)) tasks.set(key, { stage: r.stage, name });
     tasks.get(key)[col] = r.value;
   }
+  const order = Object.values(HEADLINE);
+  const rank = (h) => (order.includes(h.label) ? order.indexOf(h.label) : order.length);
+  headline.sort((a, b) => rank(a) - rank(b) || a.stage.localeCompare(b.stage));
   return { headline, tasks: [...tasks.values()] };
 }
 
