@@ -61,13 +61,18 @@ def bytes_(n: Any) -> str:
     return f"{n:.0f} B"
 
 
-def kernel_report(job: dict[str, Any]) -> dict[str, Any] | None:
-    """The kernel report of a job (what runs on the device), wherever the job status carries it:
-    at the top level or in `progress`."""
+def kernel_report(
+    job: dict[str, Any], by_stage: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """The kernel report of a job (what runs on the device): the one the job status carries (at
+    the top level or in `progress`), else the current (or last) training stage's from
+    GET /jobs/{id}/kernels (`by_stage`)."""
     for holder in (job, job.get("progress") or {}):
         for key in KERNEL_KEYS:
             if isinstance(holder.get(key), dict):
                 return holder[key]
+    if by_stage:
+        return by_stage.get(job.get("current_stage") or "") or list(by_stage.values())[-1]
     return None
 
 

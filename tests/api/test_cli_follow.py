@@ -134,3 +134,39 @@ def test_watch_view_draws_bars_rounded_values_and_kernels():
         "━",  # a drawn bar
     ):
         assert part in text, part
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_watch_prints_the_trainers_kernel_line(live_server, db_url, settings, monkeypatch, capsys):
+    """Off a terminal, `ncp jobs watch` prints the kernel report the trainer wrote with its first
+    step (read through GET /jobs/{id}/kernels) once, as a line of its own."""
+    import json
+
+    monkeypatch.setenv("NCP_API_URL", live_server.url)
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    job_id = httpx.post(f"{live_server.url}/jobs", json=demo_spec().model_dump(mode="json")).json()["id"]
+    run = run_paths(settings.runs_dir, job_id)
+    run.root.mkdir(parents=True)
+    report = {"attention": {"L": "sdpa"}, "compiled": False, "device": "cpu"}
+    run.progress_file.write_text(json.dumps({"type": "progress", "step": 1, "kernels": report}) + "\n")
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as s:
+            r.start_stage(s, job_id, "pretrain")
+            r.update_progress(s, job_id, current_stage="pretrain", step=1, total_steps=2, loss=4.0)
+
+        def finish() -> None:
+            time.sleep(1.0)
+            with make_session_factory(engine)() as s:
+                r.set_job_status(s, job_id, "cancelled")
+
+        t = threading.Thread(target=finish)
+        t.start()
+        assert ncp(["jobs", "watch", job_id]) == 1  # cancelled
+        t.join()
+    finally:
+        engine.dispose()
+    out = capsys.readouterr().out
+    assert out.count("kernels: attention.L sdpa · compiled False · device cpu") == 1

@@ -86,6 +86,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+TRAINING_STAGES = ("pretrain", "sft")
 # How long `follow` waits, once the job has finished, for the event stream to deliver its last events.
 END_GRACE_SECONDS = 5.0
 
@@ -104,11 +105,12 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
 
     last = {"line": "", "kernels": ""}
 
-    def on_job(job: dict[str, Any]) -> None:
-        report = human.kernel_report(job)
-        if report and not last["kernels"]:
-            last["kernels"] = human.kernel_line(report)
-            print(f"kernels: {last['kernels']}", file=out)
+    def on_job(job: dict[str, Any], kernels: dict[str, dict[str, Any]]) -> None:
+        report = human.kernel_report(job, kernels)
+        line = human.kernel_line(report) if report else ""
+        if line and line != last["kernels"]:
+            last["kernels"] = line
+            print(f"kernels: {line}", file=out)
         line = progress_line(job)
         if line != last["line"]:
             print(line, file=out, flush=True)
@@ -121,10 +123,12 @@ def _follow(
     client: JobsClient,
     job_id: str,
     on_event: Callable[[str], None],
-    on_job: Callable[[dict[str, Any]], None],
+    on_job: Callable[[dict[str, Any], dict[str, dict[str, Any]]], None],
     poll_seconds: float,
 ) -> dict[str, Any]:
     events: queue.Queue[Any] = queue.Queue()
+    kernels: dict[str, dict[str, Any]] = {}
+    kernels_checked = 0.0
 
     def reader() -> None:
         try:
@@ -154,7 +158,14 @@ def _follow(
                 stage = f"[{ev['stage']}] " if ev.get("stage") else ""
                 on_event(f"{ev['ts'][11:19]} {stage}{ev['message']}")
         job = client.get(job_id)
-        on_job(job)
+        current = job.get("current_stage")
+        if current in TRAINING_STAGES and current not in kernels and time.monotonic() - kernels_checked > 5.0:
+            kernels_checked = time.monotonic()  # the trainer writes it once, with its first step
+            try:
+                kernels = client.kernels(job_id)
+            except ApiClientError:
+                pass  # an API without the route, or a blip: the line just stays empty
+        on_job(job, kernels)
         if job["status"] in TERMINAL:
             if stream_done and events.empty():
                 return job

@@ -113,12 +113,33 @@ export function JobPage({ id }) {
     return () => ctrl.abort();
   }, [id, generation]);
 
+  // The kernel report the trainer writes with its first step (GET /jobs/{id}/kernels): asked for
+  // once, and every 5 s while a training stage runs without one yet.
+  const [kernels, setKernels] = useState({});
+  const stage = job && job.current_stage;
+  const training = job && job.status === "running" && (stage === "pretrain" || stage === "sft");
+  useEffect(() => {
+    const ctrl = new AbortController();
+    let timer;
+    const tick = async () => {
+      try {
+        const body = await api(`/jobs/${id}/kernels`, { signal: ctrl.signal });
+        setKernels(body.stages);
+        if (training && !body.stages[stage]) timer = setTimeout(tick, 5000);
+      } catch (e) {
+        /* no report is shown; the rest of the page does not depend on it */
+      }
+    };
+    if (job) tick();
+    return () => (ctrl.abort(), clearTimeout(timer));
+  }, [id, !!job, stage, training]);
+
   if (!job) return html`<div>${error ? html`<${ErrorNote} error=${error} />` : html`<p class="muted">Loading job…</p>`}</div>`;
   const stages = ["pretrain", "sft"].filter(
     (s) => job.stages.some((st) => st.name === s) || store.current.stages().includes(s),
   );
   return html`<div class="job-page" data-job=${job.id}>
-    <${Header} job=${job} onChange=${(j) => setJob(j)} onResume=${() => setGeneration((g) => g + 1)} />
+    <${Header} job=${job} kernels=${kernels} onChange=${(j) => setJob(j)} onResume=${() => setGeneration((g) => g + 1)} />
     <${ErrorNote} error=${error} />
     <${Timeline} job=${job} />
     ${stages.map(
@@ -139,7 +160,7 @@ export function JobPage({ id }) {
   </div>`;
 }
 
-function Header({ job, onChange, onResume }) {
+function Header({ job, kernels, onChange, onResume }) {
   const [confirming, setConfirming] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState(null);
@@ -167,7 +188,9 @@ function Header({ job, onChange, onResume }) {
     }
     act("cancel");
   };
-  const report = fmt.kernelReport(job);
+  // The job status's own report if it carries one, else each training stage's from its trainer.
+  const own = fmt.kernelReport(job);
+  const reports = own ? { [job.current_stage || "job"]: own } : kernels;
   return html`<div class="card job-head">
     <div class="job-title">
       <h2>${job.name || job.kind} <span class="mono muted small">${job.id}</span></h2>
@@ -196,7 +219,9 @@ function Header({ job, onChange, onResume }) {
       <div class="stat"><label>memory</label><b>${fmt.bytes(p.peak_memory)}</b></div>
       <div class="stat"><label>ETA</label><b>${job.status === "running" ? fmt.duration(p.eta_seconds) : "–"}</b></div>
     </div>
-    ${report && html`<p class="kernels" data-testid="kernels"><label>kernels</label> ${fmt.kernelLine(report)}</p>`}
+    ${Object.entries(reports).map(
+      ([st, r]) => html`<p class="kernels" data-testid="kernels"><label>kernels · ${st}</label> ${fmt.kernelLine(r)}</p>`,
+    )}
     ${job.error && html`<p class="error-note"><b>${job.error.code}</b>: ${job.error.message}</p>`}
   </div>`;
 }
