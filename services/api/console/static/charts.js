@@ -64,6 +64,9 @@ export function smooth(values, weight) {
   return out;
 }
 
+// Steps are whole numbers: ticks at 1, 2, 5, 10, 20, 50, ... apart, never at 1.2.
+const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((p) => m * p)).sort((a, b) => a - b);
+
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777"];
 
 // One chart: x = steps, ys = [{label, values, color, width, dash, points}], yfmt formats ticks.
@@ -82,7 +85,7 @@ export function Chart({ title, steps, ys, yfmt, empty, testid, height = 220 }) {
       cursor: { drag: { x: true, y: false } },
       scales: { x: { time: false } },
       axes: [
-        { label: "step", labelSize: 18, size: 36, values: (u, vals) => vals.map((v) => shortNum(v)) },
+        { label: "step", labelSize: 18, size: 36, incrs: STEP_INCRS, values: (u, vals) => vals.map((v) => shortNum(v)) },
         { size: 56, values: (u, vals) => vals.map((v) => (yfmt ? yfmt(v) : shortNum(v))) },
       ],
       series: [
@@ -92,7 +95,8 @@ export function Chart({ title, steps, ys, yfmt, empty, testid, height = 220 }) {
           stroke: y.color || COLORS[i % COLORS.length],
           width: y.width || 1.5,
           dash: y.dash,
-          points: { show: y.points || false, size: 5 },
+          // uPlot's default shows markers only where points are sparse (a run's first steps).
+          points: y.points ? { show: true, size: 5 } : { size: 4 },
           spanGaps: true,
           value: (u, v) => (v == null ? "–" : yfmt ? yfmt(v) : shortNum(v)),
         })),

@@ -135,8 +135,10 @@ export function JobPage({ id }) {
   }, [id, !!job, stage, training]);
 
   if (!job) return html`<div>${error ? html`<${ErrorNote} error=${error} />` : html`<p class="muted">Loading job…</p>`}</div>`;
+  // A training stage gets its charts once it has started (or has data, e.g. a resumed job's).
   const stages = ["pretrain", "sft"].filter(
-    (s) => job.stages.some((st) => st.name === s) || store.current.stages().includes(s),
+    (s) =>
+      job.stages.some((st) => st.name === s && st.status !== "pending") || store.current.stages().includes(s),
   );
   return html`<div class="job-page" data-job=${job.id}>
     <${Header} job=${job} kernels=${kernels} onChange=${(j) => setJob(j)} onResume=${() => setGeneration((g) => g + 1)} />
@@ -301,21 +303,27 @@ function Logs({ job }) {
   const [lines, setLines] = useState([]);
   const pre = useRef(null);
   const terminal = TERMINAL.has(job.status);
+  // The log files: listed again every 5 s while the job runs (a stage creates its log as it starts);
+  // the current stage's log is shown unless the user picked another.
+  const [picked, setPicked] = useState(false);
   useEffect(() => {
     const ctrl = new AbortController();
-    api(`/jobs/${job.id}/logs`, { params: { lines: 1 }, signal: ctrl.signal }).then(
-      (body) => {
+    let timer;
+    const list = async () => {
+      try {
+        const body = await api(`/jobs/${job.id}/logs`, { params: { lines: 1 }, signal: ctrl.signal });
         const names = Object.keys(body.logs).sort();
         setFiles(names);
-        if (!file && names.length) {
-          const current = `${job.current_stage}.log`;
-          setFile(names.includes(current) ? current : names[names.length - 1]);
-        }
-      },
-      () => {},
-    );
-    return () => ctrl.abort();
-  }, [job.id, job.current_stage, job.status]);
+        const current = `${job.current_stage}.log`;
+        if (names.length && !picked) setFile(names.includes(current) ? current : (f) => f || names[names.length - 1]);
+      } catch (e) {
+        if (ctrl.signal.aborted) return;
+      }
+      if (!terminal) timer = setTimeout(list, 5000);
+    };
+    list();
+    return () => (ctrl.abort(), clearTimeout(timer));
+  }, [job.id, job.current_stage, terminal, picked]);
   useEffect(() => {
     if (!file) return undefined;
     const ctrl = new AbortController();
@@ -345,7 +353,7 @@ function Logs({ job }) {
       <h3>Log</h3>
       <div class="spacer"></div>
       ${files.map(
-        (f) => html`<button class=${`chip ${f === file ? "on" : ""}`} onClick=${() => setFile(f)}>${f}</button>`,
+        (f) => html`<button class=${`chip ${f === file ? "on" : ""}`} onClick=${() => (setPicked(true), setFile(f))}>${f}</button>`,
       )}
     </div>
     <pre ref=${pre} class="log-tail">${lines.length ? lines.join("\n") : files.length ? "" : "no log files yet"}</pre>
