@@ -70,7 +70,7 @@ class WatchView:
         self.live.__exit__(None, None, None)
 
     def event(self, line: str) -> None:
-        self.console.print(line, highlight=False)
+        self.console.print(line, highlight=False, markup=False)  # "[pretrain]" is text, not a style
 
     def update(self, job: dict[str, Any], kernels: dict[str, dict[str, Any]] | None = None) -> None:
         p = job.get("progress") or {}
