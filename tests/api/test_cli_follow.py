@@ -130,7 +130,7 @@ def test_watch_view_draws_bars_rounded_values_and_kernels():
         "mem 12.3 GB",
         "ETA 1h 02m",
         "kernels: attention.S flex · attention.L fa3 · dtype bfloat16 · peak_flops 989T",
-        "checkpoint at step 1000",
+        "12:00:00 [pretrain] checkpoint at step 1000",  # brackets are text, not rich markup
         "━",  # a drawn bar
     ):
         assert part in text, part
