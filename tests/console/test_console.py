@@ -228,6 +228,17 @@ def test_cancel_a_running_job_from_its_page(demo_job, console, platform):
     with platform.api() as api:
         job = api.get(f"/jobs/{job_id}").json()
         assert job["status"] == "cancelled" and job["progress"]["step"] < 100_000
+    stopped_at = job["progress"]["step"]
+    # Resume from the page: the run continues from its checkpoint and the chart keeps growing.
+    page.click("[data-testid=resume]")
+    page.wait_for_selector(".job-head [data-testid=status]:text-is('running')", timeout=120_000)
+    page.wait_for_function(
+        f"() => Number(document.querySelector('[data-testid=chart-pretrain-loss]').dataset.points) > {stopped_at + 3}",
+        timeout=300_000,
+    )
+    console.shot("job-resumed")
+    with platform.api() as api:  # stop it again: the platform has more tests to run
+        assert api.post(f"/jobs/{job_id}/cancel").status_code == 202
 
 
 def test_cli_on_the_platform(demo_job, platform):

@@ -99,14 +99,15 @@ export function JobPage({ id }) {
     return () => ctrl.abort();
   }, [id, generation]);
 
-  // Events: live, and each one refreshes the job.
+  // Events: live, and each one refreshes the job. A resumed job's stream starts over; events
+  // already shown are not shown twice.
+  const seen = useRef(new Set());
   useEffect(() => {
     const ctrl = new AbortController();
-    const seen = new Set();
     follow(`/jobs/${id}/events`, "after", 0, ctrl.signal, (ev) => {
       const e = JSON.parse(ev.data);
-      if (seen.has(e.seq)) return;
-      seen.add(e.seq);
+      if (seen.current.has(e.seq)) return;
+      seen.current.add(e.seq);
       setEvents((list) => [e, ...list].slice(0, 300));
       loadJob(ctrl.signal);
     });
@@ -207,7 +208,7 @@ function Header({ job, kernels, onChange, onResume }) {
     </div>
     <${ErrorNote} error=${error} />
     <div class="job-meta muted small">
-      ${job.kind} · created ${fmt.ago(job.created_at)}
+      ${job.kind} · ${hardwareLine(job.spec)} · created ${fmt.ago(job.created_at)}
       ${job.started_at && ` · ran ${fmt.duration(fmt.between(job.started_at, job.finished_at))}`}
       ${job.attempts > 1 && ` · attempt ${job.attempts}`}
     </div>
@@ -226,6 +227,13 @@ function Header({ job, kernels, onChange, onResume }) {
     )}
     ${job.error && html`<p class="error-note"><b>${job.error.code}</b>: ${job.error.message}</p>`}
   </div>`;
+}
+
+function hardwareLine(spec) {
+  const hw = (spec && spec.hardware) || {};
+  const m = (spec && spec.model) || {};
+  const where = !hw.gpus || hw.device === "cpu" ? "CPU" : `${hw.gpus} GPU${hw.gpus > 1 ? "s" : ""}${hw.nodes > 1 ? ` × ${hw.nodes} nodes` : ""}`;
+  return `d${m.depth ?? "?"} on ${where}${hw.device && hw.device !== "auto" && hw.device !== "cpu" ? ` (${hw.device})` : ""}`;
 }
 
 function Timeline({ job }) {
