@@ -15,10 +15,11 @@ writes one step at a time, so "rows with id > n" is exactly what was recorded af
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from sqlalchemy import Select, func, select, tuple_
@@ -61,7 +62,7 @@ class Row:
     name: str
     step: int
     value: float
-    ts: Any  # datetime; None where a caller did not read it
+    ts: dt.datetime | None  # None where it was not read (downsampled and live rows)
 
 
 _COLUMNS = (Metric.id, Metric.stage, Metric.name, Metric.step, Metric.value)
