@@ -176,36 +176,3 @@ def cleanup_distributed(synchronize: bool = False) -> None:
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def fp8_available() -> bool:
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def enable_fp8(model: torch.nn.Module, device_type: str, recipe: str = "tensorwise") -> int:
-    """Convert the large Linear layers to torchao Float8Linear; returns how many were converted.
-    Raises ValueError when FP8 is requested without a GPU or without torchao."""
-    if device_type != "cuda":
-        raise ValueError(f"fp8 training needs a GPU; device is {device_type!r}")
-    if not fp8_available():
-        raise ValueError("fp8 training requested but torchao is not installed (pip install torchao)")
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    def keep(mod: torch.nn.Module, fqn: str) -> bool:
-        # FP8 GEMMs need dims divisible by 16, and small matrices gain nothing.
-        return (
-            isinstance(mod, torch.nn.Linear)
-            and mod.in_features % 16 == 0
-            and mod.out_features % 16 == 0
-            and min(mod.in_features, mod.out_features) >= 128
-        )
-
-    before = sum(1 for m in model.modules() if "Float8" in type(m).__name__)
-    convert_to_float8_training(
-        model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=keep
-    )
-    return sum(1 for m in model.modules() if "Float8" in type(m).__name__) - before

@@ -1,4 +1,4 @@
-"""device.py (detection, env defaults, dtype, fp8 guard) and eval/bpb.py on hand-computable cases."""
+"""device.py (detection, env defaults, dtype) and eval/bpb.py on hand-computable cases."""
 
 from __future__ import annotations
 
@@ -75,15 +75,6 @@ def test_init_distributed_single_process_is_a_no_op(monkeypatch):
     info = dev.init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.is_distributed) == (0, 1, True, False)
     assert not torch.distributed.is_initialized()
-
-
-def test_fp8_requires_gpu_and_torchao():
-    model = torch.nn.Sequential(torch.nn.Linear(256, 256))
-    with pytest.raises(ValueError, match="GPU"):
-        dev.enable_fp8(model, "cpu")
-    if not dev.fp8_available():
-        with pytest.raises(ValueError, match="torchao"):
-            dev.enable_fp8(model, "cuda")
 
 
 class FixedLogits(torch.nn.Module):
