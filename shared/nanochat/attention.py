@@ -213,9 +213,9 @@ def _grad_error(fn, q, k, v, dy) -> float:
 def _probe(backend: str, device: str, head_dim: int) -> str | None:
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 256, h, head_dim, generator=g).to(device, dtype) for h in (4, 2, 2))
-    dy = torch.randn(1, 256, 4, head_dim, generator=g).to(device, dtype)
     try:
+        q, k, v = (torch.randn(1, 256, h, head_dim, generator=g).to(device, dtype) for h in (4, 2, 2))
+        dy = torch.randn(1, 256, 4, head_dim, generator=g).to(device, dtype)
         grad_err = _grad_error(lambda a, b, c: attention(a, b, c, window=64, backend=backend), q, k, v, dy)
         with torch.no_grad():
             want = _math(q, k, v, 64, 0).float()

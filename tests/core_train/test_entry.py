@@ -77,6 +77,9 @@ def test_entry_runs_to_completion_and_reports(tiny_config, tmp_path):
     assert all(isinstance(r["time"], float) for r in recs)
     prog = [r for r in recs if r["type"] == "progress"]
     assert [p["step"] for p in prog] == [1, 2, 3, 4] and all("tokens_per_sec" in p for p in prog)
+    # The kernel report rides on the first progress line only (docs/ARCHITECTURE.md).
+    assert prog[0]["kernels"]["attention"] == {"full": "sdpa"} and prog[0]["kernels"]["fp8"] is False
+    assert all("kernels" not in p for p in prog[1:])
 
 
 def test_entry_honours_stop_file(tiny_config, tmp_path):
