@@ -97,9 +97,8 @@ def measure(cfg: GPTConfig, backend: str, args, dev, dtype, *, fp8: bool = False
     }
 
 
-def measure_fitting(cfg: GPTConfig, backend: str, args, dev, dtype, *, fp8: bool = False) -> dict:
-    """measure() at --device-batch-size, halving the batch on out-of-memory with --fit-batch."""
-    batch = args.device_batch_size
+def measure_fitting(cfg: GPTConfig, backend: str, args, dev, dtype, *, fp8: bool = False, batch: int) -> dict:
+    """measure() at `batch`, halving it on out-of-memory with --fit-batch."""
     while True:
         try:
             return measure(cfg, backend, args, dev, dtype, fp8=fp8, batch=batch)
@@ -133,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp8", action="store_true", help="also measure the backend under test with FP8 matmuls")
     p.add_argument("--fit-batch", action="store_true", help="halve a run's batch until it fits in memory")
     p.add_argument("--json", metavar="PATH", help="write the measured rows as JSON")
+    p.add_argument("--baseline-batch", type=int, default=0, help="the baseline's device batch (0 = the same)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,16 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         f"step: {args.device_batch_size} x {args.seq_len} x {args.grad_accum} accum = "
         f"{args.device_batch_size * args.seq_len * args.grad_accum:,} tokens; median of {args.steps} after {args.warmup} warmup"
     )
-    runs = [measure_fitting(cfg, args.backend, args, dev, dtype)]
+    plan = [(args.backend, False, args.device_batch_size)]
     if args.fp8:
-        runs.append(measure_fitting(cfg, args.backend, args, dev, dtype, fp8=True))
+        plan.append((args.backend, True, args.device_batch_size))
     if args.baseline != "none" and args.baseline != args.backend:
-        runs.append(measure_fitting(cfg, args.baseline, args, dev, dtype))
+        plan.append((args.baseline, False, args.baseline_batch or args.device_batch_size))
+    runs: list[dict] = []
+    for backend, fp8, batch in plan:
+        runs.append(measure_fitting(cfg, backend, args, dev, dtype, fp8=fp8, batch=batch))
+        if args.json:  # after every run: a caller that times out still gets the finished ones
+            payload = {"device": dev.name, "dtype": str(dtype), "runs": runs}
+            Path(args.json).write_text(json.dumps(payload, indent=1))
     base = runs[-1]
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"device": dev.name, "dtype": str(dtype), "runs": runs}, indent=1)
-        )
     print()
     print(
         f"| {'backend':<9} | {'kernels':<24} | {'batch':>5} | {'step ms':>9} | {'tok/s':>11} | {'TFLOP/s':>8} | {'MFU':>6} | {'peak mem':>9} | {'tok/s vs ' + base['backend']:>14} |"
