@@ -305,10 +305,10 @@ class Check:
         )
         # The run to kill: SIGKILL once it has checkpointed and trained a few steps past it.
         ckpt = self.work / "ckpt_cut"
+        cut_log = (self.work / "killed.log").open("w")
         proc = subprocess.Popen(
             self._train_cmd(data, tok, ckpt, cut_p),
-            cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
+            cwd=REPO, env=self.env, stdout=cut_log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         target = s["save_every"] + s["kill_after"]
         killed_at = None
@@ -322,12 +322,11 @@ class Check:
                 time.sleep(0.02)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                _stop(proc)
+            cut_log.close()
         if killed_at is None:
-            raise RuntimeError(
-                f"the run ended (exit {proc.returncode}) before it could be killed: {proc.stderr.read()[-400:] if proc.stderr else ''}"
-            )
+            tail = (self.work / "killed.log").read_text(errors="replace")[-400:]
+            raise RuntimeError(f"the run ended (exit {proc.returncode}) before it could be killed: {tail}")
         resumed = self.run(self._train_cmd(data, tok, ckpt, resumed_p), deadline - time.time())
         if resumed.returncode != 0:
             raise RuntimeError(f"resumed run exit {resumed.returncode}: {resumed.stderr[-600:]}")
@@ -381,13 +380,11 @@ class Check:
                     f"{tok_s:,.1f} tok/s",
                     f"{tokens} tokens",
                 )
+        except RuntimeError as e:
+            tail = (self.work / "native.log").read_text(errors="replace")[-400:]
+            raise RuntimeError(f"{e}; log: {tail}") from None
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            _stop(server)
             log.close()
 
     def print_table(self, started: float) -> None:
@@ -409,6 +406,21 @@ def _delta(diffs: list[float]) -> str:
     if not diffs:
         return "no steps to compare"
     return "bit-identical" if max(diffs) == 0 else f"max |dloss| {max(diffs):.2e}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL after 20 s; a group already gone is fine."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 def _free_port() -> int:
