@@ -61,12 +61,25 @@ def detect_device(requested: str = "auto") -> DeviceInfo:
         if requested == "rocm" and not rocm:
             raise ValueError("device 'rocm' requested but this torch is a CUDA build")
         name = torch.cuda.get_device_name(0)
-        return DeviceInfo(
-            "cuda", "rocm" if rocm else "cuda", name, sizing.gpu_key(name) or "cpu", torch.cuda.device_count()
-        )
+        key = sizing.gpu_key(name)
+        if key is None and rocm:
+            # Some ROCm containers report an empty or generic marketing name; the ISA still says
+            # which Instinct generation this is, so MFU is not silently lost.
+            key = rocm_arch_key(str(torch.cuda.get_device_properties(0).gcnArchName))
+        return DeviceInfo("cuda", "rocm" if rocm else "cuda", name, key or "cpu", torch.cuda.device_count())
     if requested in ("auto", "mps") and mps:
         return DeviceInfo("mps", "mps", "mps", "cpu", 1)
     return DeviceInfo("cpu", "cpu", "cpu", "cpu", 1)
+
+
+# ISA -> sizing.PEAK_FLOPS key, for ROCm devices whose name sizing.gpu_key does not know.
+# gfx942 is also the MI300A (980 TFLOP/s); the discrete MI300X/MI325X is the common case.
+ROCM_ARCH_KEYS = {"gfx942": "mi300x", "gfx950": "mi355x", "gfx90a": "mi250x"}
+
+
+def rocm_arch_key(gcn_arch: str) -> str | None:
+    """ "gfx942:sramecc+:xnack-" -> "mi300x"; None for an ISA without an entry."""
+    return ROCM_ARCH_KEYS.get(gcn_arch.split(":")[0])
 
 
 def is_rocm_build() -> bool:

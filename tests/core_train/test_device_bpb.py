@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shared.nanochat import device as dev
+from shared.nanochat import sizing
 from shared.nanochat.eval.bpb import evaluate_bpb
 
 
@@ -75,6 +76,12 @@ def test_init_distributed_single_process_is_a_no_op(monkeypatch):
     info = dev.init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.is_distributed) == (0, 1, True, False)
     assert not torch.distributed.is_initialized()
+
+
+def test_rocm_arch_names_a_peak_when_the_device_name_does_not():
+    assert dev.rocm_arch_key("gfx942:sramecc+:xnack-") == "mi300x"
+    assert dev.rocm_arch_key("gfx950") == "mi355x" and dev.rocm_arch_key("gfx1100") is None
+    assert all(key in sizing.PEAK_FLOPS for key in dev.ROCM_ARCH_KEYS.values())
 
 
 class FixedLogits(torch.nn.Module):
