@@ -45,10 +45,11 @@ except ImportError:  # torch < 2.5
 # <dir>/<name>/build/<variant>/. They are loaded from disk with the `kernels` package; nothing is
 # ever downloaded at run time.
 HUB_KERNEL_DIR = Path("/opt/nanochat/kernels")
-# Per backend: the Python module of a wheel, then the Hub kernel directory name, in order of preference.
+# Per backend: the Hub kernel directory name, then the Python module of a wheel. An image's Hub
+# kernel comes first: the image chose it (e.g. a base image's own flash_attn may lack sliding windows).
 KERNEL_SOURCES = {
-    "fa3": ("flash_attn_interface", "flash-attn3"),  # FA3 (Hopper) from a wheel or kernels-community
-    "flash": ("flash_attn", "aiter-flash-attn"),  # FA2 / ROCm CK or Triton; AMD aiter's FA on ROCm
+    "fa3": ("flash-attn3", "flash_attn_interface"),  # FA3 (Hopper): kernels-community or a wheel
+    "flash": ("aiter-flash-attn", "flash_attn"),  # AMD aiter's FA on ROCm; FA2 / ROCm CK wheel
 }
 
 
@@ -63,8 +64,18 @@ def kernel_module(backend: str) -> KernelModule:
     """The flash-attention implementation behind `backend` ("fa3" or "flash"), and where it came
     from. A broken build must not take the model down: the error becomes the reason and "auto"
     moves on to the next exact kernel."""
-    wheel, hub_name = KERNEL_SOURCES[backend]
+    hub_name, wheel = KERNEL_SOURCES[backend]
     problems = []
+    hub_dir = HUB_KERNEL_DIR / hub_name
+    if hub_dir.is_dir():
+        try:
+            from kernels import get_local_kernel  # type: ignore[import-not-found]
+
+            return KernelModule(get_local_kernel(hub_dir), f"Hub kernel {hub_name} ({hub_dir})")
+        except Exception as e:
+            problems.append(f"Hub kernel {hub_dir} failed to load: {type(e).__name__}: {e}")
+    else:
+        problems.append(f"no Hub kernel in {hub_dir}")
     if importlib.util.find_spec(wheel) is not None:
         try:
             mod = importlib.import_module(wheel)
@@ -74,17 +85,6 @@ def kernel_module(backend: str) -> KernelModule:
             problems.append(f"import {wheel} failed: {type(e).__name__}: {e}")
     else:
         problems.append(f"no {wheel} module")
-    hub_dir = HUB_KERNEL_DIR / hub_name
-    if hub_dir.is_dir():
-        try:
-            from kernels import get_local_kernel  # type: ignore[import-not-found]
-
-            mod = get_local_kernel(hub_dir)
-            return KernelModule(mod, f"Hub kernel {hub_name} ({hub_dir})")
-        except Exception as e:
-            problems.append(f"Hub kernel {hub_dir} failed to load: {type(e).__name__}: {e}")
-    else:
-        problems.append(f"no Hub kernel in {hub_dir}")
     return KernelModule(None, "; ".join(problems))
 
 
