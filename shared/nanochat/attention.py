@@ -53,6 +53,12 @@ KERNEL_SOURCES = {
 }
 
 
+# backend -> loaded module. attention() reads this plain dict, not the cached loader: dynamo
+# cannot trace through functools.cache (it traces the wrapped loader, hits os.stat and breaks the
+# graph at every attention call of a compiled model).
+_LOADED: dict[str, Any] = {}
+
+
 @dataclass(frozen=True)
 class KernelModule:
     module: Any  # has flash_attn_func / flash_attn_with_kvcache; None when nothing loaded
@@ -71,14 +77,15 @@ def kernel_module(backend: str) -> KernelModule:
         try:
             from kernels import get_local_kernel  # type: ignore[import-not-found]
 
-            return KernelModule(get_local_kernel(hub_dir), f"Hub kernel {hub_name} ({hub_dir})")
+            _LOADED[backend] = get_local_kernel(hub_dir)
+            return KernelModule(_LOADED[backend], f"Hub kernel {hub_name} ({hub_dir})")
         except Exception as e:
             problems.append(f"Hub kernel {hub_dir} failed to load: {type(e).__name__}: {e}")
     else:
         problems.append(f"no Hub kernel in {hub_dir}")
     if importlib.util.find_spec(wheel) is not None:
         try:
-            mod = importlib.import_module(wheel)
+            mod = _LOADED[backend] = importlib.import_module(wheel)
             version = getattr(mod, "__version__", None)
             return KernelModule(mod, f"{wheel} {version}" if version else wheel)
         except Exception as e:
@@ -86,6 +93,13 @@ def kernel_module(backend: str) -> KernelModule:
     else:
         problems.append(f"no {wheel} module")
     return KernelModule(None, "; ".join(problems))
+
+
+def _kernel(backend: str) -> Any:
+    mod = _LOADED.get(backend)
+    if mod is None:  # not resolved yet: only outside a compiled model (models resolve at setup)
+        mod = kernel_module(backend).module
+    return mod
 
 
 @functools.cache
@@ -348,7 +362,7 @@ def attention(
     if backend in ("fa3", "flash"):
         if q_offset != 0 or q.shape[1] != k.shape[1]:
             return _sdpa(q, k, v, window, q_offset)
-        mod = kernel_module(backend).module
+        mod = _kernel(backend)
         out = mod.flash_attn_func(q, k, v, causal=True, window_size=_fa_window(window, k.shape[1]))
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
@@ -364,7 +378,7 @@ def attention_with_cache(
     if end > k_cache.shape[1]:
         raise ValueError(f"KV cache overflow: position {end} > cache length {k_cache.shape[1]}")
     if backend in ("fa3", "flash"):
-        mod = kernel_module(backend).module
+        mod = _kernel(backend)
         seqlens = torch.full((q.shape[0],), pos, dtype=torch.int32, device=q.device)
         out = mod.flash_attn_with_kvcache(
             q,

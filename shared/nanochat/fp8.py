@@ -121,7 +121,9 @@ class _Fp8Matmul(torch.autograd.Function):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, formats: Fp8Formats = OCP) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T -> (..., N) in x's dtype, the GEMMs in FP8."""
     shape = x.shape
-    out = _Fp8Matmul.apply(x.reshape(-1, shape[-1]), weight, formats.forward, formats.backward)
+    # _scaled_mm wants its first operand row-major; the quantized copy keeps x's strides.
+    x2d = x.reshape(-1, shape[-1]).contiguous()
+    out = _Fp8Matmul.apply(x2d, weight, formats.forward, formats.backward)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
