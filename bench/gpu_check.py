@@ -149,25 +149,30 @@ class Check:
         )
         junit = self.work / "gpu_tests.xml"
         env_extra = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # a bare box has no plugins to load
-        p = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-m",
-                "gpu",
-                "-p",
-                "no:cacheprovider",
-                f"--junitxml={junit}",
-                *files,
-            ],
-            cwd=REPO,
-            env={**self.env, **env_extra},
-            capture_output=True,
-            text=True,
-            timeout=self.budget("tests_s"),
-        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+        ]
+        try:
+            p = subprocess.run(
+                [*cmd, *files],
+                cwd=REPO,
+                env={**self.env, **env_extra},
+                capture_output=True,
+                text=True,
+                timeout=self.budget("tests_s"),
+            )
+        except subprocess.TimeoutExpired as e:  # keep what pytest printed so far: its progress line
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            self.add("tests", "pytest -m gpu", "FAIL", f"time box {e.timeout:.0f} s", out.strip()[-300:])
+            return
         if not junit.exists():
             raise RuntimeError(f"pytest exit {p.returncode}: {(p.stdout + p.stderr)[-600:]}")
         counts = {"passed": 0, "failed": 0, "skipped": 0}

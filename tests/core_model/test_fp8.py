@@ -196,7 +196,8 @@ def test_gpu_fp8_matmul_has_no_host_sync_and_matches_reference():
 
 @pytest.mark.gpu
 def test_gpu_fp8_loss_tracks_bf16():
-    """A d4 model for 50 steps on the GPU, compiled as in training: FP8 within 0.05 nats of bf16."""
+    """A d4 model for 50 steps on the GPU: FP8 within 0.05 nats of bf16. Eager, to stay quick; the
+    compiled FP8 path runs in bench/gpu_check.sh's d24 step and has no graph break (test above)."""
     dev = _gpu_fp8()
     cfg = GPTConfig(sequence_len=512, vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=512)
     g = torch.Generator().manual_seed(1)
@@ -208,11 +209,10 @@ def test_gpu_fp8_loss_tracks_bf16():
         model.init_weights()
         if use_fp8:
             fp8.enable_fp8(model, dev)
-        step_model = torch.compile(model, dynamic=False)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses = []
         for _ in range(50):
-            loss = step_model(data[:, :-1], data[:, 1:])
+            loss = model(data[:, :-1], data[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
