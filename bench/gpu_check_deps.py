@@ -75,8 +75,8 @@ def wheel_for(name: str, wheels: Path) -> Path | None:
     return None
 
 
-def install(target: Path, wheels: Path) -> int:
-    need = missing(requirements())
+def install(target: Path, wheels: Path, reqs_path: Path = REQUIREMENTS) -> int:
+    need = missing(requirements(reqs_path))
     if not need:
         print("gpu_check deps: everything is installed already")
         return 0
@@ -89,7 +89,7 @@ def install(target: Path, wheels: Path) -> int:
             file=sys.stderr,
         )
         return 1
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
            "--disable-pip-version-check", "--target", str(target), *map(str, found.values())]  # fmt: skip
     subprocess.run(cmd, check=True)
     print(f"gpu_check deps: installed {', '.join(sorted(found))} into {target}")

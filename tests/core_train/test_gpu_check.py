@@ -113,3 +113,49 @@ def test_requirements_parse_and_missing(tmp_path):
     (tmp_path / "Pydantic_Core-2.50.5-cp312-cp312-manylinux2014_x86_64.whl").write_bytes(b"")
     assert gpu_check_deps.wheel_for("pydantic-core", tmp_path) is not None
     assert gpu_check_deps.wheel_for("pydantic", tmp_path) is None
+
+
+def test_install_puts_only_the_missing_wheels_into_the_target(tmp_path):
+    """Offline: a requirement this interpreter lacks comes from the wheel folder; one it has is left
+    alone; one with no wheel is an error naming it."""
+    pkg = tmp_path / "src"
+    (pkg / "ncp_gpu_check_probe").mkdir(parents=True)
+    (pkg / "ncp_gpu_check_probe" / "__init__.py").write_text("VALUE = 42\n")
+    (pkg / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "ncp-gpu-check-probe"\nversion = "1.0"\n'
+    )
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(pkg),
+        ],
+        check=True,
+        timeout=120,
+    )
+    reqs = tmp_path / "req.txt"
+    reqs.write_text("ncp-gpu-check-probe>=1.0\nnumpy>=1.0  # installed here: not taken from wheels\n")
+    target = tmp_path / "site"
+    assert gpu_check_deps.install(target, wheels, reqs) == 0
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == [
+        "ncp_gpu_check_probe"
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", "import ncp_gpu_check_probe as m; print(m.VALUE)"],
+        env=dict(os.environ, PYTHONPATH=str(target)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "42"
+    reqs.write_text("ncp-no-such-dist>=1.0\n")
+    assert gpu_check_deps.install(target, wheels, reqs) == 1
