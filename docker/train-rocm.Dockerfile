@@ -32,6 +32,22 @@ RUN python3 -m pip install --no-deps /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels /tmp/requirements.txt /tmp/constraints.txt \
     && useradd --create-home --uid 10001 ncp \
     && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
+# Attention kernel (docs/deploy.md "Attention kernels"): AMD aiter's FlashAttention (Triton) with
+# sliding windows forward and backward, as the Hub kernel kernels-community/aiter-flash-attn.
+# Fetched here, at image build time, into /opt/nanochat/kernels; at run time
+# shared/nanochat/attention.py loads it from disk (HF_HUB_OFFLINE: nothing is downloaded then) and
+# probes it against the math reference before use; compiled FlexAttention is the next choice.
+# Pin ROCM_ATTN_KERNEL_REVISION to a commit for reproducible images.
+ARG KERNELS_VERSION=0.17.2
+ARG ROCM_ATTN_KERNEL=kernels-community/aiter-flash-attn
+ARG ROCM_ATTN_KERNEL_REVISION=main
+COPY docker/fetch_hub_kernel.py /tmp/fetch_hub_kernel.py
+RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
+    && python3 -m pip install -c /tmp/constraints.txt "kernels==${KERNELS_VERSION}" \
+    && HF_HOME=/tmp/hf python3 /tmp/fetch_hub_kernel.py "${ROCM_ATTN_KERNEL}" \
+        --revision "${ROCM_ATTN_KERNEL_REVISION}" --dest /opt/nanochat/kernels/aiter-flash-attn \
+    && rm -rf /tmp/hf /tmp/fetch_hub_kernel.py /tmp/constraints.txt
+ENV HF_HUB_OFFLINE=1
 USER 10001
 WORKDIR /home/ncp
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \

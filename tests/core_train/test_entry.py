@@ -86,6 +86,9 @@ def test_entry_runs_to_completion_and_reports(tiny_config, tmp_path):
     assert any("validation bpb: " in line for line in lines) and any(
         "checkpoint saved" in line for line in lines
     )
+    # The kernel report rides on the first progress line only (docs/ARCHITECTURE.md).
+    assert prog[0]["kernels"]["attention"] == {"full": "sdpa"} and prog[0]["kernels"]["fp8"] is False
+    assert all("kernels" not in p for p in prog[1:])
 
 
 def test_entry_honours_stop_file(tiny_config, tmp_path):
