@@ -47,6 +47,7 @@ from shared.db.outputs import (
     record_artifact,
     record_checkpoint,
     record_eval_results,
+    remove_checkpoints,
 )
 from shared.db.session import begin_write
 
@@ -81,6 +82,7 @@ __all__ = [
     "record_checkpoint",
     "record_eval_results",
     "release_lease",
+    "remove_checkpoints",
     "renew_lease",
     "request_cancel",
     "resume_job",

@@ -188,9 +188,9 @@ def submit(sessions):
     """Create a job the way the API does (validated spec, registry row) and enqueue it."""
 
     def _submit(spec: dict, enqueue: bool = True) -> str:
-        from services.worker.dispatch import enqueue_job
         from shared.db import registry
         from shared.db.session import session_scope
+        from shared.jobs.dispatch import enqueue_job
         from shared.jobs.spec import JobSpec
 
         validated = JobSpec.model_validate(spec)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from services.worker.pipeline import first_unfinished_stage, job_stages, run_stage
+from services.worker.pipeline import run_stage
 from services.worker.reconciler import ReconcileConfig, reconcile_once
 from shared.db import registry
 from shared.db.session import session_scope
@@ -62,7 +62,6 @@ def test_stage_runs_once_and_hands_over(sessions, submit, make_spec):
     # Redelivered tokenizer stage after success: nothing is retrained.
     assert _run(sessions, job_id, "tokenizer")[0] == "duplicate"
     with session_scope(sessions) as s:
-        assert first_unfinished_stage(s, job_id) == "report"
         started = [e for e in registry.list_events(s, job_id, limit=1000) if e.type == "stage_started"]
     assert [e.stage for e in started] == ["data", "tokenizer"]
 
@@ -160,12 +159,14 @@ def test_reconciler_leaves_live_and_recent_jobs_alone(sessions, submit, make_spe
 
 
 def test_job_stages_end_with_report():
-    assert job_stages({"kind": "eval", "stages": None}) == ["base_eval", "report"]
-    assert job_stages({"kind": "pipeline", "stages": ["data", "tokenizer"]}) == [
-        "data",
-        "tokenizer",
-        "report",
-    ]
+    from shared.jobs.stages import first_unfinished, job_stages, next_stage
+
+    assert job_stages(["base_eval"]) == ["base_eval", "report"]
+    assert job_stages(["data", "tokenizer"]) == ["data", "tokenizer", "report"]
+    assert next_stage(["data", "tokenizer"], "tokenizer") == "report"
+    assert next_stage(["data", "tokenizer"], "report") is None
+    assert first_unfinished(["data", "tokenizer"], {"data"}) == "tokenizer"
+    assert first_unfinished(["data", "tokenizer"], {"data", "tokenizer", "report"}) is None
 
 
 def test_multinode_without_cluster_fails_with_a_clear_error(sessions, submit, make_spec):
@@ -185,7 +186,7 @@ def test_multinode_without_cluster_fails_with_a_clear_error(sessions, submit, ma
 
 
 def test_heartbeat_notices_a_stolen_lease(sessions, submit, make_spec):
-    from services.worker.lease import LeaseHeartbeat
+    from services.worker.heartbeat import LeaseHeartbeat
 
     job_id = submit(make_spec(stages=["data"]), enqueue=False)
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=30)

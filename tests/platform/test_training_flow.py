@@ -80,7 +80,7 @@ def test_cancel_mid_training_frees_the_process_group_then_resume(procs, sessions
         assert ckpts and max(ckpts) >= stopped_at
 
     # Resume (what POST /jobs/{id}/resume does): training continues from the stop checkpoint.
-    from services.worker.dispatch import enqueue_job
+    from shared.jobs.dispatch import enqueue_job
 
     with session_scope(sessions) as s:
         registry.resume_job(s, job_id)

@@ -14,6 +14,7 @@ from services.api.errors import ApiError
 from services.api.schemas import JobPublic, JobsPublic
 from shared.db import registry
 from shared.db.session import session_scope
+from shared.jobs.dispatch import enqueue_job
 from shared.jobs.spec import JobCreate
 from shared.settings import Settings
 
@@ -25,11 +26,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def enqueue(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> bool:
     """Hand the job's next stage to the workers. Failure is not fatal: the job stays queued in the
     registry and the reconciler enqueues it later (Postgres is the truth, the broker a courier)."""
-    try:
-        from services.worker.dispatch import enqueue_job
-    except ImportError as e:
-        log.warning("worker dispatch unavailable (%s); job %s stays queued for the reconciler", e, job_id)
-        return False
     try:
         enqueue_job(job_id, settings=settings)
         return True
