@@ -8,8 +8,10 @@ import each other in a circle.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from shared.paths import RunPaths
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+OUTAGE_LOG_SECONDS = 60.0
 O = TypeVar("O", bound=StageOutputs)  # noqa: E741 - the outputs type of one stage
 
 
@@ -62,6 +65,15 @@ class StageContext:
     sessions: sessionmaker[Session]
     worker_id: str
     heartbeat: LeaseHeartbeat
+    # When each kind of outage warning was last logged (a long outage logs once a minute, not
+    # once a second).
+    _warned: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+
+    def _warn_outage(self, what: str, e: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(what, -math.inf) >= OUTAGE_LOG_SECONDS:
+            self._warned[what] = now
+            log.warning("job %s: %s, registry unreachable (%s)", self.job_id, what, type(e).__name__)
 
     @property
     def roots(self) -> list[Path]:
@@ -77,9 +89,7 @@ class StageContext:
         except Exception as e:
             if not is_outage(e):
                 raise
-            log.warning(
-                "job %s: cancel check skipped, registry unreachable (%s)", self.job_id, type(e).__name__
-            )
+            self._warn_outage("cancel checks skipped", e)
             return False
 
     def should_stop(self) -> bool:
@@ -95,7 +105,7 @@ class StageContext:
         except Exception as e:
             if not is_outage(e):
                 raise
-            log.warning("job %s: event %r not recorded, registry unreachable: %s", self.job_id, type, message)
+            self._warn_outage(f"event {type!r} not recorded", e)
 
     def stage_outputs(self, name: str, kind: type[O], job_id: str | None = None) -> O | None:
         """Outputs stage `name` recorded (of this job, or of `job_id`); None if it did not run."""

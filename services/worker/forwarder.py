@@ -19,6 +19,7 @@ stays one row per step and name.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -40,6 +41,10 @@ from shared.jobs.progress_file import (
 )
 
 log = logging.getLogger(__name__)
+
+# Retry cadence while the registry is unreachable (records wait in memory meanwhile).
+RETRY_INITIAL_SECONDS = 1.0
+RETRY_MAX_SECONDS = 5.0
 
 
 def max_recorded_step(session: Session, job_id: str, stage: str) -> int:
@@ -75,6 +80,8 @@ class ProgressForwarder:
         self.eval_bpb: dict[int, float] = {}  # step -> val bpb evaluated at exactly that step
         self.pending: deque[Record] = deque()
         self.registry_down = False
+        self._retry_at = 0.0  # while the registry is away, polls do not hammer it
+        self._backoff = 0.0
 
     def __call__(self, records: Iterable[Record]) -> None:
         for rec in records:
@@ -90,7 +97,8 @@ class ProgressForwarder:
             elif isinstance(rec, EvalRecord) and rec.val_bpb is not None:
                 self.eval_bpb[rec.step] = rec.val_bpb
             self.pending.append(rec)
-        self.flush()
+        if time.monotonic() >= self._retry_at:
+            self.flush()
 
     def flush(self) -> bool:
         """Write what is buffered; True when nothing is left (False: the registry is still away)."""
@@ -115,10 +123,13 @@ class ProgressForwarder:
                     type(e).__name__,
                 )
             self.registry_down = True
+            self._backoff = min(max(2 * self._backoff, RETRY_INITIAL_SECONDS), RETRY_MAX_SECONDS)
+            self._retry_at = time.monotonic() + self._backoff
             return False
         if self.registry_down:
             log.info("job %s: registry back; buffered progress forwarded", self.job_id)
             self.registry_down = False
+        self._backoff, self._retry_at = 0.0, 0.0
         return True
 
     def _write(self, s: Session, rec: Record) -> None:
