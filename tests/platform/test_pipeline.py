@@ -213,3 +213,26 @@ def test_worker_cli_arguments():
     assert argv[argv.index("-Q") + 1] == "train"
     argv = worker_argv(["data", "eval"], 3, "INFO")
     assert argv[argv.index("-c") + 1] == "3"
+
+
+def test_local_corpus_with_a_link_out_of_the_roots_is_refused(
+    sessions, submit, make_spec, platform_env, tmp_path
+):
+    """The corpus folder lies inside NCP_HOME, so the spec is accepted; one file in it is a link to
+    a file elsewhere, and the data stage refuses to read it (before reading anything)."""
+    from pathlib import Path
+
+    home = Path(platform_env["NCP_HOME"])
+    corpus = home / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "a.txt").write_text("A perfectly ordinary document.\n" * 50)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-TOKEN " * 100)
+    (corpus / "b.txt").symlink_to(secret)
+    job_id = submit(make_spec(stages=["data"], data={"source": "local", "path": "corpus"}), enqueue=False)
+    out, _ = _run(sessions, job_id, "data")
+    assert out == "failed"
+    job, stages = _job(sessions, job_id)
+    assert "b.txt" in stages["data"].error and "outside the allowed data roots" in stages["data"].error
+    shards = list((home / "runs" / job_id / "data").glob("*.parquet"))
+    assert not shards  # nothing was imported
