@@ -8,6 +8,7 @@ only serves loopback clients unless NCP_API_ALLOW_REMOTE_WITHOUT_TOKEN says othe
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 
 from services.api import errors, observability
+from services.api.limits import RequestLimits
 from services.api.routers import health, job_data, jobs, models
 from shared.db.session import make_engine, make_session_factory
 from shared.jobs.spec import JobSpec
@@ -75,6 +77,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
     }
+    # Every error is the JSON error body, also on routes whose success is Markdown, PNG or text
+    # (FastAPI would document their errors in the success media type).
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for operations in schema["paths"].values():
+        for op in operations.values():
+            for status, response in op.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400 and "ErrorBody" in json.dumps(response):
+                    response["content"] = error_body
     app.openapi_schema = schema
     return schema
 
@@ -104,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sse_poll_seconds = 0.5
 
     errors.install(app)
+    app.add_middleware(RequestLimits)
     observability.install(app, sessions)
     for r in (jobs.router, job_data.router, models.router, health.router):
         app.include_router(r)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.checkpoints import prune_missing
 from shared.db import registry
-from shared.db.models import Metric
+from shared.db.models import MAX_INT32, Metric
 from shared.db.outage import is_outage
 from shared.db.session import session_scope
 from shared.jobs.progress_file import (
@@ -169,9 +169,12 @@ class ProgressForwarder:
 
 
 def _progress_fields(rec: StepRecord) -> dict[str, float | int]:
+    # A trainer's estimate (an SFT epoch's length extrapolated from its first steps) may not fit
+    # the registry's 32-bit column; an unknown total beats a failed stage.
+    total = rec.total_steps if rec.total_steps is not None and 0 <= rec.total_steps <= MAX_INT32 else None
     fields = {
         "step": rec.step,
-        "total_steps": rec.total_steps,
+        "total_steps": total,
         "loss": rec.loss,
         "tokens_per_sec": rec.tokens_per_sec,
         "mfu": rec.mfu,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -104,6 +105,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "succeeded": frozenset(),
 }
 
+_JOB_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 PROGRESS_FIELDS = ("step", "total_steps", "loss", "tokens_per_sec", "mfu", "eta_seconds", "peak_memory")
 
 
@@ -198,6 +200,8 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         ts, job_id = raw.split("|", 1)
+        if not _JOB_ID.fullmatch(job_id):
+            raise ValueError("bad job id")
         created = dt.datetime.fromisoformat(ts)
         if created.tzinfo is None:
             raise ValueError("naive timestamp")

@@ -38,19 +38,16 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from shared.db.models import MAX_INT32, JobKind
 from shared.jobs.stages import DEFAULT_STAGES, NEEDS_MODEL, SELECTABLE_STAGES, check_stage_selection
 from shared.nanochat.config import GPTConfig
 from shared.nanochat.sft_config import SFTConfig
 from shared.nanochat.train_config import TrainConfig
 from shared.paths import PathEscapeError, resolve_existing_source
 
-JobKind = Literal["pipeline", "pretrain", "sft", "eval"]
-JOB_KINDS: tuple[str, ...] = ("pipeline", "pretrain", "sft", "eval")
-
-# The registry stores steps, sequence numbers and counters in 32-bit integer columns; every count a
-# spec gives is bounded by that (step counts end up in those columns). Token and character budgets
-# never reach an integer column and may be larger, up to what a JSON number carries exactly.
-MAX_INT32 = 2**31 - 1
+# Every count a spec gives is bounded by the registry's 32-bit integer columns (shared/db/models.py;
+# step counts end up in them). Token and character budgets never reach an integer column and may be
+# larger, up to what a JSON number carries exactly.
 MAX_JSON_INT = 2**53 - 1
 # Training memory per parameter that does not depend on batch size: fp32 master weights (4 bytes)
 # and gradients (4) on every GPU, optimizer state (Adam moments / Muon momentum, about 8) sharded

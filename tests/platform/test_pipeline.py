@@ -236,3 +236,19 @@ def test_local_corpus_with_a_link_out_of_the_roots_is_refused(
     assert "b.txt" in stages["data"].error and "outside the allowed data roots" in stages["data"].error
     shards = list((home / "runs" / job_id / "data").glob("*.parquet"))
     assert not shards  # nothing was imported
+
+
+def test_job_errors_never_carry_sql():
+    from sqlalchemy.exc import DataError
+
+    from services.worker.pipeline import error_text
+
+    e = DataError(
+        "INSERT INTO metrics (job_id, step) VALUES (%(job_id)s, %(step)s)",
+        {"job_id": "j", "step": 3_000_000_000},
+        Exception("integer out of range\nDETAIL: more"),
+    )
+    text = error_text(e)
+    assert text == "registry error: Exception: integer out of range"
+    assert "INSERT" not in text and "3000000000" not in text
+    assert error_text(ValueError("a\x00b")) == "ValueError: a\\0b"
