@@ -20,6 +20,8 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 FROM ${PYTHON_IMAGE} AS runtime
 ARG TORCH_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 NCP_HOME=/data/ncp
+# bubblewrap: the sandbox HumanEval runs model-written code in (shared/nanochat/eval/sandbox.py).
+RUN apt-get update && apt-get install -y --no-install-recommends "bubblewrap=0.*" && rm -rf /var/lib/apt/lists/*
 # torch first and from the CPU index: resolved from PyPI it would be the multi-GB CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
 COPY --from=reqs /src/requirements.txt /tmp/requirements.txt

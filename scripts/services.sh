@@ -10,6 +10,8 @@ need_apt=()
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+# The HumanEval sandbox (shared/nanochat/eval/sandbox.py) and its tests need bubblewrap.
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "services: installing ${need_apt[*]}" >&2
   $SUDO apt-get update -qq
