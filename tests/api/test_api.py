@@ -278,8 +278,11 @@ def test_served_models(client, settings):
     body = client.get("/models/served").json()
     assert body["current"] is None and body["live"]["reachable"] is False
 
+    seen_auth: list[str | None] = []
+
     class Models(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
+            seen_auth.append(self.headers.get("Authorization"))
             payload = json.dumps({"object": "list", "data": [{"id": "demo-d2", "object": "model"}]}).encode()
             self.send_response(200 if self.path == "/v1/models" else 404)
             self.send_header("content-type", "application/json")
@@ -300,6 +303,12 @@ def test_served_models(client, settings):
         body = client.get("/models/served").json()
         assert body["current"] == {"model": "demo-d2", "path": "/x/export"}
         assert body["live"]["reachable"] and body["live"]["models"][0]["id"] == "demo-d2"
+        assert seen_auth[-1] is None
+        # With a chat key configured, the API asks the model server with it.
+        keyed = settings.model_copy(update={"inference_api_key": "chat-key-123456"})
+        with TestClient(create_app(keyed)) as c:
+            assert c.get("/models/served").json()["live"]["reachable"]
+        assert seen_auth[-1] == "Bearer chat-key-123456"
     finally:
         server.shutdown()
         server.server_close()

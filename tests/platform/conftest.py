@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import redis
 
 from tests.servers import redis_url
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -131,17 +131,6 @@ def sessions(platform_env):
     engine = make_engine(platform_env["NCP_DATABASE_URL"])
     yield make_session_factory(engine)
     engine.dispose()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture
