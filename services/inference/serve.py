@@ -212,7 +212,9 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     from shared.settings import get_settings
 
-    p = argparse.ArgumentParser(prog="python -m services.inference.serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m services.inference.serve", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     p.add_argument("--engine", choices=ENGINES, default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)

@@ -23,7 +23,7 @@ from shared.jobs.progress_file import ProgressWriter
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.train_worker.entry")
+    p = argparse.ArgumentParser(prog="python -m services.train_worker.entry", allow_abbrev=False)
     p.add_argument("mode", choices=["pretrain", "sft"])
     p.add_argument("--config", required=True, type=Path, help="JSON: TrainConfig or SFTConfig fields")
     p.add_argument("--progress", required=True, type=Path, help="JSONL file rank 0 appends to")

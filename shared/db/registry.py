@@ -216,8 +216,10 @@ def list_jobs(
     cursor: str | None = None,
     limit: int = 50,
     kind: str | None = None,
+    id_prefix: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    """Newest first, keyset-paged: returns (jobs, next_cursor); next_cursor None on the last page."""
+    """Newest first, keyset-paged: returns (jobs, next_cursor); next_cursor None on the last page.
+    `id_prefix` keeps the jobs whose id starts with it (a short id as `ncp jobs watch` prints)."""
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be in 1..1000, got {limit}")
     q = select(Job)
@@ -229,6 +231,10 @@ def list_jobs(
         q = q.where(Job.status.in_(statuses))
     if kind is not None:
         q = q.where(Job.kind == kind)
+    if id_prefix is not None:
+        if not _JOB_ID.fullmatch(id_prefix):
+            raise ValueError(f"id_prefix {id_prefix!r} is not the start of a job id")
+        q = q.where(Job.id.startswith(id_prefix, autoescape=True))
     if cursor:
         created, job_id = _decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))

@@ -129,22 +129,17 @@ def test_torchrun_two_ranks_stop_together_on_cancel(tmp_path):
     """The multi-process path (torchrun, gloo on CPU): a cancel stops every rank cooperatively,
     a checkpoint is saved, and no process of the group is left."""
     from services.worker.launcher import group_alive
-    from shared.nanochat.corpus import iter_shard_texts, split_shards
-    from shared.nanochat.demo_corpus import write_demo_corpus
-    from shared.nanochat.tokenizer import train_tokenizer
+    from tests.tiny import tiny_corpus, tiny_train_config
 
-    data = tmp_path / "data"
-    write_demo_corpus(data, num_shards=3, max_bytes=300_000)
-    train_tokenizer(iter_shard_texts(split_shards(data)[0]), vocab_size=512, out_dir=tmp_path / "tok")
+    data, tok = tiny_corpus(tmp_path)
     run = RunPaths(tmp_path / "run")
     (run.root / "config").mkdir(parents=True)
     cfg_path = run.root / "config" / "pretrain.json"
-    cfg_path.write_text(json.dumps({
-        "data_dir": str(data), "tokenizer_dir": str(tmp_path / "tok"), "checkpoint_dir": str(run.root / "ckpt"),
-        "depth": 2, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 64, "window_pattern": "L",
-        "num_iterations": 5000, "device_batch_size": 2, "total_batch_size": 256, "warmup_steps": 1,
-        "eval_every": 0, "eval_tokens": 256, "save_every": 0, "device": "cpu", "seed": 1,
-    }))  # fmt: skip
+    train_cfg = tiny_train_config(
+        data, tok, run.root / "ckpt", num_iterations=5000, device_batch_size=2, total_batch_size=256,
+        warmup_steps=1, eval_tokens=256, save_every=0, seed=1,
+    )  # fmt: skip
+    cfg_path.write_text(json.dumps(train_cfg.to_dict()))
     cfg = LaunchConfig(
         mode="pretrain",
         config_path=cfg_path,

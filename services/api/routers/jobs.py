@@ -95,9 +95,15 @@ def list_jobs(
         str | None, Query(max_length=512, description="next_cursor of the previous page")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    id_prefix: Annotated[
+        str | None,
+        Query(min_length=1, max_length=36, pattern=r"^[A-Za-z0-9-]+$", description="Jobs whose id starts so"),
+    ] = None,
 ) -> JobsPublic:
     try:
-        jobs, next_cursor = registry.list_jobs(session, status=status, cursor=cursor, limit=limit, kind=kind)
+        jobs, next_cursor = registry.list_jobs(
+            session, status=status, cursor=cursor, limit=limit, kind=kind, id_prefix=id_prefix
+        )
     except ValueError as e:
         field = "cursor" if "cursor" in str(e) else "status"
         raise ApiError(422, "validation_error", str(e), field) from None

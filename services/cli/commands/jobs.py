@@ -1,7 +1,8 @@
 """`ncp jobs submit|list|status|watch|logs|cancel|resume`: the job API from the command line.
 
 Talks to Settings.api_url with the bearer token from NCP_API_TOKEN. `watch` (and `submit --wait`)
-follows the job's SSE event stream and redraws one progress line.
+follows the job's SSE event stream and redraws one progress line. A job id may be given short (its
+first characters, as the progress line prints it) wherever it names exactly one job.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def _list(client: JobsClient, args: argparse.Namespace) -> int:
 
 
 def _status(client: JobsClient, args: argparse.Namespace) -> int:
-    job = client.get(args.job_id)
+    job = client.get(client.resolve(args.job_id))
     if args.json:
         _print_json(job)
         return 0
@@ -209,11 +210,11 @@ def _status(client: JobsClient, args: argparse.Namespace) -> int:
 
 
 def _watch(client: JobsClient, args: argparse.Namespace) -> int:
-    return _exit_code(follow(client, args.job_id))
+    return _exit_code(follow(client, client.resolve(args.job_id)))
 
 
 def _logs(client: JobsClient, args: argparse.Namespace) -> int:
-    logs = client.logs(args.job_id, lines=args.lines, file=args.file)
+    logs = client.logs(client.resolve(args.job_id), lines=args.lines, file=args.file)
     if not logs:
         print("(no log files yet)")
     for name, text in logs.items():
@@ -224,13 +225,13 @@ def _logs(client: JobsClient, args: argparse.Namespace) -> int:
 
 
 def _cancel(client: JobsClient, args: argparse.Namespace) -> int:
-    job = client.cancel(args.job_id)
+    job = client.cancel(client.resolve(args.job_id))
     print(f"job {job['id']}: {job['status']}")
     return 0
 
 
 def _resume(client: JobsClient, args: argparse.Namespace) -> int:
-    job = client.resume(args.job_id)
+    job = client.resume(client.resolve(args.job_id))
     print(f"job {job['id']}: {job['status']}")
     if args.wait:
         return _exit_code(follow(client, job["id"]))

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared.loopback import is_loopback
     from shared.settings import get_settings
 
-    p = argparse.ArgumentParser(prog="python -m services.inference.native")
+    p = argparse.ArgumentParser(prog="python -m services.inference.native", allow_abbrev=False)
     p.add_argument("--model", required=True, help="export folder (config.json, model.safetensors, tokenizer)")
     p.add_argument("--name", default=None, help="served model name (default: folder name)")
     p.add_argument("--host", default="127.0.0.1")
