@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 from services.worker.pipeline import run_stage
 from services.worker.reconciler import ReconcileConfig, reconcile_once
@@ -252,3 +253,30 @@ def test_job_errors_never_carry_sql():
     assert text == "registry error: Exception: integer out of range"
     assert "INSERT" not in text and "3000000000" not in text
     assert error_text(ValueError("a\x00b")) == "ValueError: a\\0b"
+
+
+def test_checkpoint_listing_follows_retention_and_evals(sessions, submit, make_spec):
+    """Retention deletes old checkpoints on disk: the registry drops them too; a checkpoint's
+    val_bpb is an evaluation of its own step or nothing (never an older step's number)."""
+    from shared.nanochat.checkpoint import list_checkpoints
+
+    spec = make_spec(
+        stages=["data", "tokenizer", "pretrain"],
+        horizon={"num_iterations": 12},
+        checkpoint={"every": 3, "keep_last": 2},
+        eval={"every": 6},
+    )
+    job_id = submit(spec, enqueue=False)
+    for stage in ("data", "tokenizer", "pretrain"):
+        assert _run(sessions, job_id, stage)[0] == "ran", stage
+    _, stages = _job(sessions, job_id)
+    ckpt_dir = Path(stages["pretrain"].outputs["checkpoint_dir"])
+    on_disk = sorted(c.step for c in list_checkpoints(ckpt_dir) if c.complete)
+    with session_scope(sessions) as s:
+        rows = {c.step: c for c in registry.list_checkpoints(s, job_id)}
+        bpb = {m.step: m.value for m in registry.get_metrics(s, job_id, names=["val_bpb"])}
+        removed = [e for e in registry.list_events(s, job_id, limit=1000) if e.type == "checkpoint_removed"]
+    assert on_disk == [9, 12] and sorted(rows) == on_disk
+    assert rows[12].val_bpb == bpb[12]  # evaluated at its own step (the last one)
+    assert rows[9].val_bpb is None  # 9 was not evaluated; 6's number does not describe it
+    assert removed and {s for e in removed for s in e.data["steps"]} == {3, 6}
