@@ -45,7 +45,15 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     # A stage that outlives it (a multi-day training run) is redelivered while it still runs; the
     # second delivery finds the job's lease held and is dropped, so the timeout only bounds how
     # long a message of a truly dead worker waits (the reconciler, on lease expiry, is faster).
-    return {"visibility_timeout": settings.visibility_timeout_seconds}
+    timeout = settings.visibility_timeout_seconds
+    return {
+        "visibility_timeout": timeout,
+        # How often workers look for messages whose timeout passed: kombu's default sweep (every
+        # 10 s, scanning on every 10th) suits hours; a short timeout is honoured within a quarter
+        # of itself. One cheap sorted-set query per sweep.
+        "unacked_restore_interval": max(1, min(10, timeout // 4)),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
