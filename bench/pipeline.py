@@ -78,8 +78,8 @@ def _status(sessions, job_id: str) -> str:
 
 
 def run_inprocess(env: dict[str, str], jobs: int) -> list[float]:
-    from services.worker.dispatch import sessions_for
     from services.worker.pipeline import run_stage
+    from shared.db.session import cached_session_factory as sessions_for
     from shared.settings import get_settings
 
     _apply(env)
@@ -108,7 +108,8 @@ def run_inprocess(env: dict[str, str], jobs: int) -> list[float]:
 
 
 def run_celery(env: dict[str, str], jobs: int, log: Path) -> list[float]:
-    from services.worker.dispatch import enqueue_job, sessions_for
+    from shared.db.session import cached_session_factory as sessions_for
+    from shared.jobs.dispatch import enqueue_job
     from shared.settings import get_settings
 
     _apply(env)

@@ -20,6 +20,8 @@ FROM ${BASE_IMAGE} AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 NCP_HOME=/data/ncp \
     PYTORCH_ALLOC_CONF=expandable_segments:True
+# bubblewrap: the sandbox HumanEval runs model-written code in (shared/nanochat/eval/sandbox.py).
+RUN apt-get update && apt-get install -y --no-install-recommends "bubblewrap=0.*" && rm -rf /var/lib/apt/lists/*
 COPY --from=reqs /src/requirements.txt /tmp/requirements.txt
 # The constraint pins the image's CUDA torch build: nothing may replace it.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \

@@ -22,6 +22,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1 PYTHONUNBUFFERED=1 \
     NCP_HOME=/data/ncp \
     HIP_FORCE_DEV_KERNARG=1 PYTORCH_ALLOC_CONF=expandable_segments:True
+# bubblewrap: the sandbox HumanEval runs model-written code in (shared/nanochat/eval/sandbox.py).
+RUN apt-get update && apt-get install -y --no-install-recommends "bubblewrap=0.*" && rm -rf /var/lib/apt/lists/*
 COPY --from=reqs /src/requirements.txt /tmp/requirements.txt
 # The constraint pins the image's ROCm torch build: nothing may replace it with a PyPI wheel.
 RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \

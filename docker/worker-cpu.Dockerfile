@@ -27,6 +27,8 @@ ARG TORCH_VERSION
 ARG TORCH_INDEX_URL
 ARG TORCH_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 NCP_HOME=/data/ncp
+# bubblewrap: the sandbox HumanEval runs model-written code in (shared/nanochat/eval/sandbox.py).
+RUN apt-get update && apt-get install -y --no-install-recommends "bubblewrap=0.*" && rm -rf /var/lib/apt/lists/*
 # torch first, pinned, from the CPU index: resolved from PyPI it would be the multi-GB CUDA build.
 # The constraint file then keeps every later install from replacing it.
 RUN PIP_FIND_LINKS="${TORCH_FIND_LINKS}" pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \

@@ -14,6 +14,8 @@ command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 # The web console's browser tests drive Debian's Chromium with Playwright (never `playwright install`).
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# The HumanEval sandbox (shared/nanochat/eval/sandbox.py) and its tests need bubblewrap.
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "services: installing ${need_apt[*]}" >&2
   $SUDO apt-get update -qq

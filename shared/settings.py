@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that appear in `.env.example` and must never reach a running service.
@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     inference_host: str = "127.0.0.1"
     inference_port: int = 8001
     inference_url: str | None = Field(default=None, description="Where the API/CLI reach the model server")
+    inference_api_key: str | None = Field(
+        default=None,
+        description="Key chat clients send (Authorization: Bearer); vLLM's --api-key. Unset: loopback clients only",
+    )
     vllm_python: str | None = Field(
         default=None, description="Python of a virtualenv with vLLM (it pins its own torch)"
     )
@@ -109,11 +113,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("api_token")
+    @field_validator("api_token", "inference_api_key")
     @classmethod
-    def _no_placeholder_token(cls, v: str | None) -> str | None:
+    def _no_placeholder_token(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None and (v.strip() == "" or v in PLACEHOLDER_SECRETS):
-            raise ValueError("NCP_API_TOKEN is a placeholder or empty; set a real secret or unset it")
+            raise ValueError(
+                f"NCP_{str(info.field_name).upper()} is a placeholder or empty; set a real secret or unset it"
+            )
         return v
 
     @field_validator("db_password")

@@ -7,7 +7,7 @@ only serves loopback clients unless NCP_API_ALLOW_REMOTE_WITHOUT_TOKEN says othe
 
 from __future__ import annotations
 
-import ipaddress
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,34 +17,17 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 
 from services.api import console, errors, observability
+from services.api.limits import RequestLimits
 from services.api.routers import health, job_data, jobs, log_follow, models, plan
 from shared.db.session import make_engine, make_session_factory
 from shared.jobs.spec import JobSpec
+from shared.loopback import is_loopback, remote_connection
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 # Paths a load balancer / Prometheus may reach without a token.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-def is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_ip(host: str | None) -> bool:
-    try:
-        ipaddress.ip_address((host or "").split("%")[0])
-        return True
-    except ValueError:
-        return False
 
 
 class InsecureBindError(RuntimeError):
@@ -75,6 +58,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
     }
+    # Every error is the JSON error body, also on routes whose success is Markdown, PNG or text
+    # (FastAPI would document their errors in the success media type).
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for operations in schema["paths"].values():
+        for op in operations.values():
+            for status, response in op.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400 and "ErrorBody" in json.dumps(response):
+                    response["content"] = error_body
     app.openapi_schema = schema
     return schema
 
@@ -104,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sse_poll_seconds = 0.5
 
     errors.install(app)
+    app.add_middleware(RequestLimits)
     observability.install(app, sessions)
     for r in (jobs.router, job_data.router, log_follow.router, models.router, plan.router, health.router):
         app.include_router(r)
@@ -119,10 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not remote_ok and request.url.path not in PUBLIC_PATHS:
             server = request.scope.get("server")
             client = request.scope.get("client")
-            local = server[0] if server else None
-            peer = client[0] if client else None
-            # Only real sockets carry IP addresses; in-process transports (TestClient) cannot be remote.
-            if any(_is_ip(a) and not is_loopback(a) for a in (local, peer)):
+            if remote_connection(server[0] if server else None, client[0] if client else None):
                 return errors.error_response(
                     403,
                     "remote_access_disabled",

@@ -16,6 +16,11 @@ import httpx
 from shared.settings import Settings, get_settings
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+START_HINT = (
+    "start a local platform with `ncp up` (or `ncp demo`), or point NCP_API_URL (and NCP_API_TOKEN) "
+    "at a running one"
+)
+FULL_ID_LENGTH = 36  # a job id is a UUID
 
 
 class ApiClientError(RuntimeError):
@@ -90,7 +95,9 @@ class JobsClient:
         try:
             r = self._http.request(method, path, **kw)
         except httpx.TransportError as e:
-            raise ApiClientError(0, "unreachable", f"cannot reach the API at {self.base_url}: {e}") from None
+            raise ApiClientError(
+                0, "unreachable", f"cannot reach the API at {self.base_url} ({e}); {START_HINT}"
+            ) from None
         if r.status_code >= 400:
             try:
                 err = r.json().get("error", {})
@@ -113,14 +120,36 @@ class JobsClient:
         return self._request("GET", f"/jobs/{job_id}").json()
 
     def list_jobs(
-        self, status: list[str] | None = None, limit: int = 50, cursor: str | None = None
+        self,
+        status: list[str] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        id_prefix: str | None = None,
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
+        if id_prefix:
+            params["id_prefix"] = id_prefix
         if status:
             params["status"] = status
         if cursor:
             params["cursor"] = cursor
         return self._request("GET", "/jobs", params=params).json()
+
+    def resolve(self, job_id: str) -> str:
+        """The full id of `job_id`, which may be a short prefix (as `ncp jobs watch` prints) when
+        exactly one job's id starts with it."""
+        if len(job_id) >= FULL_ID_LENGTH:
+            return job_id
+        found = [j["id"] for j in self.list_jobs(limit=2, id_prefix=job_id)["data"]]
+        if not found:
+            raise ApiClientError(404, "job_not_found", f"no job id starts with {job_id!r}")
+        if len(found) > 1:
+            raise ApiClientError(
+                409,
+                "ambiguous_job_id",
+                f"{job_id!r} is the start of several job ids ({', '.join(found)}, ...)",
+            )
+        return found[0]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/cancel").json()

@@ -27,10 +27,26 @@ log = logging.getLogger(__name__)
 _LOC_PREFIXES = {"body", "query", "path", "header"}
 
 
-# The error responses every resource route can give, for the OpenAPI document.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 422, 503)
+_DESCRIPTIONS = {
+    400: "The body is not JSON",
+    401: "Missing or wrong bearer token",
+    403: "Remote client refused: the API has no token and serves loopback clients only",
+    404: "No such job (or file)",
+    409: "The job's state does not allow this",
+    413: "The request body is too large",
+    422: "Invalid input; error.field names it",
+    503: "The run registry database is unavailable",
 }
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses (every error body is JSON, whatever the route's success
+    media type: app.py makes sure of that in the document)."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+# The error responses every resource route can give, for the OpenAPI document.
+ERROR_RESPONSES = error_responses(401, 403, 404, 422, 503)
 
 
 class ApiError(Exception):
@@ -120,7 +136,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
-            e.status_code, "http_error"
-        )
+        code = {
+            400: "bad_request",
+            401: "unauthorized",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "request_too_large",
+        }.get(e.status_code, "http_error")
         return error_response(e.status_code, code, str(e.detail), headers=getattr(e, "headers", None))

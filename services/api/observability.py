@@ -115,7 +115,14 @@ def install(app: FastAPI, sessions: sessionmaker[Session]) -> CollectorRegistry:
             requests.labels(request.method, route, str(status)).inc()
             latency.labels(request.method, route).observe(time.perf_counter() - start)
 
-    @app.get("/metrics", include_in_schema=True, tags=["health"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        include_in_schema=True,
+        tags=["health"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
     def metrics() -> Response:
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 

@@ -20,11 +20,12 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.inference.publish import CURRENT_FILE, read_current
 from services.inference.waiting import WaitingServer
+from shared.loopback import is_loopback
 from shared.nanochat.export import check_export
 
 log = logging.getLogger("ncp.serve")
@@ -43,6 +44,7 @@ class ServeConfig:
     vllm_extra_args: tuple[str, ...] = ()
     poll_seconds: float = 1.0
     max_backoff_seconds: float = 30.0
+    api_key: str | None = field(default=None, repr=False)  # Settings.inference_api_key
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -51,6 +53,10 @@ class ServeConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be positive, got {self.poll_seconds}")
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on {self.host} without NCP_INFERENCE_API_KEY (or bind to 127.0.0.1)"
+            )
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> ServeConfig:
@@ -63,6 +69,7 @@ class ServeConfig:
             max_model_len=settings.vllm_max_model_len,
             dtype=settings.vllm_dtype,
             vllm_extra_args=tuple(shlex.split(settings.vllm_extra_args)),
+            api_key=settings.inference_api_key,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -149,7 +156,12 @@ class Supervisor:
         log.info("starting %s engine for %s: %s", self.engine, record["model"], shlex.join(cmd))
         self.waiting.stop()  # the engine takes the port over
         # Own process group: stopping the child also stops vLLM's engine-core/worker processes.
-        self.child = subprocess.Popen(cmd, start_new_session=True)
+        # The key travels in the environment (vLLM reads VLLM_API_KEY like --api-key; the native
+        # server NCP_INFERENCE_API_KEY), never on a command line every local user can read.
+        env = dict(os.environ)
+        if self.cfg.api_key:
+            env.update(VLLM_API_KEY=self.cfg.api_key, NCP_INFERENCE_API_KEY=self.cfg.api_key)
+        self.child = subprocess.Popen(cmd, start_new_session=True, env=env)
         self.current = record
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -215,7 +227,9 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     from shared.settings import get_settings
 
-    p = argparse.ArgumentParser(prog="python -m services.inference.serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m services.inference.serve", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     p.add_argument("--engine", choices=ENGINES, default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)

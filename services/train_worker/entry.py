@@ -2,7 +2,8 @@
 --progress PROGRESS.jsonl --stop STOPFILE`, run directly or under torchrun.
 
 Rank 0 appends one JSON object per line to the progress file (`type`: progress, eval, checkpoint,
-done, error), flushed line by line so the worker can tail it. Every rank polls the stop file (and
+done, error; the schema is shared/jobs/progress_file.py), flushed line by line so the worker can
+tail it. Every rank polls the stop file (and
 treats SIGTERM the same way): the trainer saves a checkpoint and the process exits 0 with a done
 record saying `"stopped": true`. Exit codes: 0 finished or stopped, 1 training failed, 2 bad
 arguments or config.
@@ -15,54 +16,15 @@ import json
 import os
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
-from typing import Any, TextIO
 
 from services.train_worker.steplog import StepLogger, printer
-
-
-class ProgressWriter:
-    """Appends JSON lines; a no-op on ranks other than 0."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self._f: TextIO | None = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
-
-    def write(self, kind: str, payload: dict[str, Any]) -> None:
-        if self._f is None:
-            return
-        record = {"type": kind, "time": time.time(), **payload}
-        # One write per line so a reader never sees half a record followed by another.
-        self._f.write(json.dumps(record, default=_jsonable, allow_nan=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    return repr(value)
-
-
-def _finite(d: dict) -> dict:
-    """JSON has no inf/nan: report them as null."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-            v = None
-        out[k] = v
-    return out
+from shared.jobs.progress_file import ProgressWriter
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.train_worker.entry")
+    p = argparse.ArgumentParser(prog="python -m services.train_worker.entry", allow_abbrev=False)
     p.add_argument("mode", choices=["pretrain", "sft"])
     p.add_argument("--config", required=True, type=Path, help="JSON: TrainConfig or SFTConfig fields")
     p.add_argument("--progress", required=True, type=Path, help="JSONL file rank 0 appends to")
@@ -87,7 +49,7 @@ def _load_config(mode: str, path: Path):
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     rank = int(os.environ.get("RANK", "0"))
-    out = ProgressWriter(args.progress, enabled=rank == 0)
+    out = ProgressWriter(args.progress, enabled=rank == 0, stage=args.mode)
 
     from shared.settings import get_settings
 
@@ -121,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     steps = StepLogger(printer(sys.stdout))
 
     def on_progress(d: dict) -> None:
-        out.write("progress", _finite(d))
+        out.write("progress", d)
         steps.progress(d)
 
     def on_eval(d: dict) -> None:
-        out.write("eval", _finite(d))
+        out.write("eval", d)
         steps.eval(d)
 
     def on_checkpoint(d: dict) -> None:
-        out.write("checkpoint", _finite(d))
+        out.write("checkpoint", d)
         steps.checkpoint(d)
 
     hooks = TrainHooks(
@@ -144,17 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         clean_exit = True
         out.write(
             "done",
-            _finite(
-                {
-                    "mode": args.mode,
-                    "step": result.step,
-                    "total_steps": result.total_steps,
-                    "stopped": result.stopped,
-                    "last_loss": result.last_loss,
-                    "val_bpb": result.val_bpb,
-                    "checkpoint_step": result.checkpoint_step,
-                }
-            ),
+            {
+                "mode": args.mode,
+                "step": result.step,
+                "total_steps": result.total_steps,
+                "stopped": result.stopped,
+                "last_loss": result.last_loss,
+                "val_bpb": result.val_bpb,
+                "checkpoint_step": result.checkpoint_step,
+            },
         )
         return 0
     except Exception as e:

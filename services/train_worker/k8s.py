@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from shared.jobs.spec import JobSpec
 from shared.paths import run_paths
 from shared.settings import Settings
 
@@ -105,7 +106,7 @@ def resource_name(job_id: str) -> str:
 
 def multinode_config(
     job_id: str,
-    spec: dict[str, Any],
+    spec: JobSpec,
     settings: Settings,
     *,
     mode: str = "pretrain",
@@ -114,15 +115,14 @@ def multinode_config(
     env: dict[str, str] | None = None,
     supplemental_groups: tuple[int, ...] | None = None,
 ) -> MultinodeConfig:
-    """The launch parameters for `spec` (a JobSpec as JSON). Paths default to the run folder;
+    """The launch parameters for `spec`. Paths default to the run folder;
     GPU env and device groups default to the launching worker's own (same image, same devices)."""
     if env is None:
         env = {k: os.environ[k] for k in GPU_ENV_KEYS if k in os.environ}
     if supplemental_groups is None:
         supplemental_groups = tuple(g for g in os.getgroups() if g not in (0, os.getgid(), POD_FS_GROUP))
-    hw = spec.get("hardware") or {}
-    nodes = int(hw.get("nodes", 1))
-    nproc = settings.nproc_per_node or int(hw.get("gpus", 1))
+    nodes = spec.hardware.nodes
+    nproc = settings.nproc_per_node or spec.hardware.gpus
     run = run_paths(settings.runs_dir, job_id)
     return MultinodeConfig(
         job_id=job_id,
@@ -345,7 +345,7 @@ def _read(path: Path) -> str:
 
 def launch_multinode(
     job_id: str,
-    spec: dict[str, Any],
+    spec: JobSpec,
     settings: Settings,
     *,
     mode: str = "pretrain",

@@ -1,16 +1,11 @@
-"""Run the training child (`services.train_worker.entry`) as its own process group and watch it.
+"""A training child on this node: `services.train_worker.entry` in its own process group.
 
 The Celery task never trains in its own process: a crash, an OOM kill or a cancel must be able to
 take the whole GPU process tree down without taking the worker with it, and vice versa. So the
 child runs in a new session (its own process group), pinned to this worker's GPUs, with its
-output in `logs/train.log`. While it runs, the launcher
-
-- tails `progress.jsonl` (whole lines only) and hands new records to `on_records`,
-- calls `on_tick` (lease renewal) and `should_cancel` (the registry's cancel flag) at a steady
-  cadence,
-- turns a cancel into the stop file, then after `cancel_grace_seconds` SIGTERM, then SIGKILL to
-  the process group, and returns only when no process of that group is left: when the job says
-  "cancelled", the GPU is free.
+output in `logs/<mode>.log`. `LocalRun` is the local `TrainingRun` the follow loop (follow.py)
+drives: terminate is SIGTERM and kill is SIGKILL to the whole group, and cleanup returns only when
+no process of that group is left.
 
 The child also gets PR_SET_PDEATHSIG=SIGKILL, so a worker killed with -9 does not leave a trainer
 writing checkpoints behind the back of the next attempt; a pid file catches the rest (torchrun's
@@ -20,15 +15,18 @@ ranks) when the next attempt starts.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
+from services.worker.follow import FollowConfig, FollowResult, follow
+from shared.jobs.progress_file import Record
 from shared.paths import RunPaths
 
 ENTRY_MODULE = "services.train_worker.entry"
@@ -66,15 +64,6 @@ class LaunchConfig:
     @property
     def pid_path(self) -> Path:
         return self.run.logs / f"{self.mode}.pgid"
-
-
-@dataclass(frozen=True)
-class LaunchResult:
-    returncode: int
-    cancelled: bool  # a cancel was requested while the child ran
-    escalation: str | None  # None | "SIGTERM" | "SIGKILL": how the child had to be stopped
-    records: int  # progress records forwarded
-    last_error: str | None  # message of the child's last {"type": "error"} record
 
 
 def build_command(cfg: LaunchConfig) -> list[str]:
@@ -157,122 +146,77 @@ def kill_stale_child(cfg: LaunchConfig) -> bool:
     return True
 
 
-class ProgressTail:
-    """Reads whole JSON lines appended to a file since the last call."""
+class LocalRun:
+    """The `TrainingRun` of a child process group on this node."""
 
-    def __init__(self, path: Path, start_at_end: bool = True) -> None:
-        self.path = path
-        self.offset = path.stat().st_size if (start_at_end and path.exists()) else 0
-        self._partial = b""
+    def __init__(self, cfg: LaunchConfig) -> None:
+        self.cfg = cfg
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        self.offset += len(chunk)
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()  # an unfinished last line waits for the next read
-        records = []
-        for line in lines:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a killed writer; the next records are intact
-            if isinstance(rec, dict):
-                records.append(rec)
-        return records
+    @property
+    def log_path(self) -> Path:
+        return self.cfg.log_path
+
+    def start(self) -> None:
+        cfg = self.cfg
+        cfg.run.logs.mkdir(parents=True, exist_ok=True)
+        kill_stale_child(cfg)
+        cmd = build_command(cfg)
+        with open(cfg.log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} launching: {' '.join(cmd)}\n".encode())
+            log.flush()
+            self.proc = _popen(cmd, cfg, log)
+        # start_new_session: the child leads its own group, whose id is its pid
+        cfg.pid_path.write_text(str(self.proc.pid))
+
+    def _require(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            raise RuntimeError("LocalRun: start() was not called")
+        return self.proc
+
+    def exit_code(self) -> int | None:
+        return self._require().poll()
+
+    def terminate(self) -> None:
+        _signal_group(self._require().pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGKILL)  # cleanup() waits for the group to go
+
+    def cleanup(self) -> None:
+        proc = self._require()
+        if proc.poll() is None:
+            kill_group(proc.pid)
+        proc.wait()
+        # Ranks of a torchrun child may outlive their leader; the group must be empty on return.
+        if group_alive(proc.pid):
+            kill_group(proc.pid)
+        self.cfg.pid_path.unlink(missing_ok=True)
 
 
 def run_training(
     cfg: LaunchConfig,
     *,
-    on_records: Callable[[list[dict]], None],
+    on_records: Callable[[list[Record]], None],
     should_cancel: Callable[[], bool],
     on_tick: Callable[[], None] | None = None,
     cancel_check_seconds: float = 1.0,
-) -> LaunchResult:
-    """Start the child, forward its progress, honour cancels; return when its group is gone."""
-    cfg.run.logs.mkdir(parents=True, exist_ok=True)
-    kill_stale_child(cfg)
-    cfg.run.stop_file.unlink(missing_ok=True)  # a stale STOP from a cancelled attempt
-    tail = ProgressTail(cfg.run.progress_file)
-    cmd = build_command(cfg)
-    with open(cfg.log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} launching: {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = _popen(cmd, cfg, log)
-    pgid = proc.pid  # start_new_session: the child leads its own group
-    cfg.pid_path.write_text(str(pgid))
-
-    cancelled = False
-    escalation: str | None = None
-    stop_at = term_at = kill_at = None
-    n_records = 0
-    last_error: str | None = None
-    last_cancel_check = 0.0
-
-    def forward() -> None:
-        nonlocal n_records, last_error
-        records = tail.read()
-        if records:
-            for rec in records:
-                if rec.get("type") == "error":
-                    last_error = str(rec.get("message") or rec.get("error") or rec)
-            n_records += len(records)
-            on_records(records)
-
-    try:
-        while proc.poll() is None:
-            time.sleep(cfg.poll_seconds)
-            forward()
-            if on_tick is not None:
-                on_tick()
-            now = time.monotonic()
-            if not cancelled and now - last_cancel_check >= cancel_check_seconds:
-                last_cancel_check = now
-                if should_cancel():
-                    cancelled = True
-                    stop_at = now
-                    cfg.run.stop_file.write_text("cancel requested\n")
-                    term_at = stop_at + cfg.cancel_grace_seconds
-                    kill_at = term_at + max(cfg.cancel_grace_seconds / 2, 2.0)
-            if term_at is not None and escalation is None and now >= term_at:
-                escalation = "SIGTERM"
-                _signal_group(pgid, signal.SIGTERM)
-            if kill_at is not None and escalation == "SIGTERM" and now >= kill_at:
-                escalation = "SIGKILL"
-                _signal_group(pgid, signal.SIGKILL)
-    except BaseException:
-        # The worker itself is going down (cold shutdown, error in a callback): never leave a
-        # trainer running unsupervised.
-        kill_group(pgid)
-        proc.wait()
-        raise
-    finally:
-        # Ranks of a torchrun child may outlive their leader; the group must be empty on return.
-        if proc.poll() is not None and group_alive(pgid):
-            kill_group(pgid)
-    forward()
-    cfg.pid_path.unlink(missing_ok=True)
-    return LaunchResult(
-        returncode=proc.returncode,
-        cancelled=cancelled,
-        escalation=escalation,
-        records=n_records,
-        last_error=last_error,
+) -> FollowResult:
+    """Run the child here and follow it until its group is gone (the follow loop over LocalRun)."""
+    follow_cfg = FollowConfig(
+        progress_file=cfg.run.progress_file,
+        stop_file=cfg.run.stop_file,
+        cancel_grace_seconds=cfg.cancel_grace_seconds,
+        poll_seconds=cfg.poll_seconds,
+        cancel_check_seconds=cancel_check_seconds,
+    )
+    return follow(
+        LocalRun(cfg), follow_cfg, on_records=on_records, should_cancel=should_cancel, on_tick=on_tick
     )
 
 
-def _popen(cmd: list[str], cfg: LaunchConfig, log):  # noqa: ANN001, ANN202 - file object / Popen
-    import subprocess
-
+def _popen(cmd: list[str], cfg: LaunchConfig, log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,

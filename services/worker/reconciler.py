@@ -10,6 +10,10 @@ cancelling with no live lease and no activity for a while (`grace`), and
 - a job with no lease at all (its message was lost: Redis flushed or restarted without
   persistence, a crash between two stages) is enqueued again without counting an attempt.
 
+A lease that expired while the registry itself was unreachable proves nothing: its worker could
+not renew it. After an outage (a pass that failed), expired leases are left alone for one grace
+period, time enough for a living worker's heartbeat to renew its lease again.
+
 Duplicates this may create are harmless: a stage runs only under the job's lease and only while
 it is the job's first unfinished stage. To keep them few, a job is left alone while its message
 is visibly waiting in the broker (Redis), and `grace` (one lease TTL) must pass since the job's
@@ -21,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import registry
 from shared.db.models import utcnow
+from shared.db.outage import is_outage
 from shared.db.session import session_scope
 from shared.settings import Settings
 
@@ -71,9 +77,11 @@ def reconcile_once(
     enqueue_job: Callable[[str], str | None],
     now: dt.datetime | None = None,
     waiting: Callable[[], bytes | None] | None = None,
+    expired_leases: bool = True,
 ) -> list[Action]:
     """One pass; returns what it did. `waiting` returns the broker's waiting messages when it can
-    (None = unknown): a job whose id is among them is still on its way and is left alone."""
+    (None = unknown): a job whose id is among them is still on its way and is left alone.
+    `expired_leases=False` leaves jobs whose lease expired alone (right after a registry outage)."""
     now = now or utcnow()
     with session_scope(sessions) as s:
         stuck = [
@@ -88,7 +96,7 @@ def reconcile_once(
         if queued is not None and job_id.encode() in queued:
             continue
         try:
-            actions.append(_reconcile_job(sessions, cfg, enqueue_job, job_id, now))
+            actions.append(_reconcile_job(sessions, cfg, enqueue_job, job_id, now, expired_leases))
         except Exception as e:  # one bad job must not stop the others from being reconciled
             log.exception("reconciling job %s failed", job_id)
             actions.append(Action(job_id, "error", detail=f"{type(e).__name__}: {e}"))
@@ -101,12 +109,15 @@ def _reconcile_job(
     enqueue_job: Callable[[str], str | None],
     job_id: str,
     now: dt.datetime,
+    expired_leases: bool = True,
 ) -> Action:
     with session_scope(sessions) as s:
         job = registry.get_job(s, job_id)
         lease = registry.get_lease(s, job_id)
         if lease is not None and lease.expires_at > now:
             return Action(job_id, "skipped", detail="lease renewed meanwhile")
+        if lease is not None and not expired_leases:
+            return Action(job_id, "skipped", detail="lease expired during a registry outage; waiting")
         if job.status == "cancelling":
             if lease is not None:
                 registry.release_lease(s, job_id, lease.worker_id)
@@ -148,11 +159,20 @@ def run_forever(
     waiting: Callable[[], bytes | None] | None = None,
 ) -> None:
     """Reconcile every `interval_seconds` until `stop` is set; registry outages are logged and retried."""
+    back_at: float | None = None  # when the registry answered again after a failed pass
     while not stop.is_set():
+        now = time.monotonic()
+        quiet = back_at is not None and now - back_at < cfg.grace_seconds
         try:
-            actions = reconcile_once(sessions, cfg, enqueue_job, waiting=waiting)
+            actions = reconcile_once(sessions, cfg, enqueue_job, waiting=waiting, expired_leases=not quiet)
+            if back_at is not None and not quiet:
+                back_at = None
             if on_pass is not None:
                 on_pass(actions)
-        except Exception:
-            log.exception("reconcile pass failed; retrying in %.1fs", cfg.interval_seconds)
+        except Exception as e:
+            if is_outage(e):
+                log.warning("reconcile pass: registry unreachable (%s); retrying", type(e).__name__)
+            else:
+                log.exception("reconcile pass failed; retrying in %.1fs", cfg.interval_seconds)
+            back_at = time.monotonic() + cfg.interval_seconds  # at the earliest: the next pass
         stop.wait(cfg.interval_seconds)

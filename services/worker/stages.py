@@ -1,107 +1,36 @@
 """The pipeline stages: each a plain function of a StageContext that calls library code and
-returns the stage's outputs (recorded by `pipeline.run_stage`).
+returns the stage's typed outputs (shared/jobs/stage_outputs.py; recorded by `pipeline.run_stage`).
 
 Every stage is idempotent: its library call reuses completed outputs (corpus and tokenizer done
 markers, checkpoints, atomic exports), so a redelivered stage costs little and never duplicates.
-Training and SFT run in a child process group (launcher.py); everything else runs in the worker.
+Training and SFT (training.py) run outside the worker process; everything else runs in it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from services.worker.pipeline import StageContext, StageError, StageFn
-from services.worker.training import run_pretrain, run_sft
+from services.worker.context import StageContext, StageError, StageFn
+from services.worker.inputs import file_lock, shared_dataset, stage_inputs
+from services.worker.training import stage_pretrain, stage_sft
 from shared.db import registry
 from shared.db.session import session_scope
-from shared.paths import RunPaths, resolve_under_roots, run_paths
-
-
-# --- shared helpers ----------------------------------------------------------------------------
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock across processes: two jobs preparing the same shared folder wait in turn."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def source_run(ctx: StageContext, producer: str) -> RunPaths:
-    """The run folder holding what stage `producer` makes: this job's when it runs that stage (or
-    has no parent), else the parent job's (an eval or SFT job on an earlier job's model)."""
-    parent = ctx.spec.get("parent_job_id")
-    if producer in (ctx.spec.get("stages") or []) or not parent:
-        return ctx.run
-    return run_paths(ctx.settings.runs_dir, parent)
-
-
-def tokenizer_dir(ctx: StageContext) -> Path:
-    return source_run(ctx, "tokenizer").tokenizer
-
-
-def data_dir(ctx: StageContext) -> Path:
-    out = ctx.stage_outputs("data").get("data_dir")
-    if out:
-        return Path(out)
-    parent = ctx.spec.get("parent_job_id")
-    if parent:
-        with session_scope(ctx.sessions) as s:
-            row = registry.get_stage(s, parent, "data")
-            if row is not None and row.outputs and row.outputs.get("data_dir"):
-                return Path(row.outputs["data_dir"])
-    return source_run(ctx, "data").data
-
-
-def ckpt_tag(spec: dict[str, Any]) -> str:
-    return f"d{spec['model']['depth']}"  # the reference layout: base_checkpoints/d12/
-
-
-def _producer_spec(ctx: StageContext, run: RunPaths) -> dict[str, Any]:
-    if run == ctx.run:
-        return ctx.spec
-    with session_scope(ctx.sessions) as s:  # the parent's model shape names its folder
-        return dict(registry.get_job(s, run.root.name).spec)
-
-
-def base_ckpt_dir(ctx: StageContext) -> Path:
-    run = source_run(ctx, "pretrain")
-    return run.base_checkpoints(ckpt_tag(_producer_spec(ctx, run)))
-
-
-def sft_ckpt_dir(ctx: StageContext) -> Path:
-    run = source_run(ctx, "sft")
-    return run.sft_checkpoints(ckpt_tag(_producer_spec(ctx, run)))
-
-
-def device(ctx: StageContext) -> str:
-    return str(ctx.spec.get("hardware", {}).get("device", "auto"))
-
-
-def fixture_dir(ctx: StageContext, name: str, writer_name: str) -> Path:
-    """The project's fixture CORE bundle / chat tasks, written once under datasets/ and shared."""
-    from shared.nanochat.eval import fixtures
-
-    out = ctx.settings.datasets_dir / name
-    with file_lock(ctx.settings.datasets_dir / f".{name}.lock"):
-        if not (out / ".complete").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=ctx.settings.datasets_dir))
-            getattr(fixtures, writer_name)(tmp)
-            (tmp / ".complete").write_text("ok\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.rename(tmp, out)
-    return out
+from shared.jobs.stage_outputs import (
+    DataOutputs,
+    EvalOutputs,
+    ExportOutputs,
+    ReportOutputs,
+    ServeOutputs,
+    TokenizerOutputs,
+)
+from shared.jobs.stages import STAGE_NAMES
+from shared.paths import confine_files, resolve_under_roots
 
 
 def _numbers(d: Any, prefix: str = "") -> dict[str, float]:
@@ -117,47 +46,47 @@ def _numbers(d: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-# --- stages ------------------------------------------------------------------------------------
-def stage_data(ctx: StageContext) -> dict[str, Any]:
+# --- data and tokenizer --------------------------------------------------------------------------
+def stage_data(ctx: StageContext) -> DataOutputs:
     from shared.nanochat import corpus
 
-    data = ctx.spec["data"]
-    source = data["source"]
-    num_shards = data.get("num_shards")
-    if source == "demo":
+    data = ctx.spec.data
+    if data.source == "demo":
         from shared.nanochat.demo_corpus import write_demo_corpus
 
         # The demo corpus depends only on its arguments: build it once, share it between jobs.
-        shards = num_shards or 4
+        shards = data.num_shards or 4
         out = ctx.settings.datasets_dir / f"demo-{shards}"
         with file_lock(ctx.settings.datasets_dir / f".demo-{shards}.lock"):
-            report = write_demo_corpus(out, num_shards=shards, max_bytes=_demo_bytes())
-    elif source == "local":
-        roots = [ctx.settings.home, *ctx.settings.data_roots]
-        src = resolve_under_roots(data["path"], roots)
+            report: Any = write_demo_corpus(out, num_shards=shards, max_bytes=_demo_bytes())
+    elif data.source == "local":
+        assert data.path is not None  # the spec requires it for local sources
+        src = resolve_under_roots(data.path, ctx.roots)
+        # Every file the import will read, resolved with symlinks followed and checked against the
+        # roots: a folder inside a root may hold links to anywhere.
+        files = confine_files(corpus.expand_sources([src]), ctx.roots)
         out = ctx.run.data
-        report = corpus.import_local_corpus(
-            [src], out, text_column=data.get("text_column", "text"),
-            num_train_shards=max(1, (num_shards or 5) - 1),
-        )  # fmt: skip
-    elif source == "remote":
+        corpus.import_local_corpus(
+            files, out, text_column=data.text_column, num_train_shards=max(1, (data.num_shards or 5) - 1)
+        )
+        report = corpus.validate_corpus(out)
+    elif data.source == "remote":
         from shared.nanochat import download
 
         out = ctx.run.data
-        base = data.get("base_url") or download.hf_base_url(data["repo"])
+        base = data.base_url or download.hf_base_url(data.repo or "")
         # The highest-numbered shard fetched is the validation shard (corpus layout). For known
         # datasets that is the dataset's own held-out last shard, as in the reference.
-        val_index = download.KNOWN_VAL_INDEX.get(data.get("repo") or "")
-        n = num_shards or 2
+        val_index = download.KNOWN_VAL_INDEX.get(data.repo or "")
+        n = data.num_shards or 2
         indices = (
             download.shard_indices(max(1, n - 1), val_index) if val_index is not None else list(range(n))
         )
         download.download_shards(download.shard_specs(base, indices), out)
-        report = None
+        report = corpus.validate_corpus(out)
     else:
-        raise StageError("bad_spec", f"data.source {source!r} is not demo, local or remote")
-    validated = corpus.validate_corpus(out) if source != "demo" else report
-    return {"data_dir": str(out), "source": source, "report": _report_dict(validated)}
+        raise StageError("bad_spec", f"data.source {data.source!r} is not demo, local or remote")
+    return DataOutputs(data_dir=str(out), source=data.source, report=report.to_dict())
 
 
 def _demo_bytes() -> int | None:
@@ -166,24 +95,14 @@ def _demo_bytes() -> int | None:
     return int(raw) if raw else None
 
 
-def _report_dict(report: Any) -> dict[str, Any]:
-    if hasattr(report, "to_dict"):
-        return report.to_dict()
-    if isinstance(report, dict):
-        return report
-    return {"value": str(report)}
-
-
-def stage_tokenizer(ctx: StageContext) -> dict[str, Any]:
+def stage_tokenizer(ctx: StageContext) -> TokenizerOutputs:
     from shared.nanochat.corpus import iter_shard_texts, split_shards
     from shared.nanochat.tokenizer import Tokenizer, compression_report, train_tokenizer
 
     out = ctx.run.tokenizer
-    spec_tok = ctx.spec.get("tokenizer", {})
-    vocab = spec_tok.get("vocab_size") or ctx.spec["model"]["vocab_size"]
-    ddir = data_dir(ctx)
-    train, val = split_shards(ddir)
-    column = ctx.spec["data"].get("text_column", "text")
+    vocab = ctx.spec.tokenizer.vocab_size or ctx.spec.model.vocab_size
+    train, val = split_shards(stage_inputs(ctx).data_dir)
+    column = ctx.spec.data.text_column
     if (out / "tokenizer.json").is_file():
         tok = Tokenizer.load(out)  # a redelivered stage: the tokenizer was saved whole
         reused = True
@@ -193,7 +112,7 @@ def stage_tokenizer(ctx: StageContext) -> dict[str, Any]:
             iter_shard_texts(train, column),
             vocab_size=vocab,
             out_dir=tmp,
-            max_chars=spec_tok.get("max_chars", 2_000_000_000),
+            max_chars=ctx.spec.tokenizer.max_chars,
         )
         shutil.rmtree(out, ignore_errors=True)
         os.rename(tmp, out)
@@ -201,12 +120,12 @@ def stage_tokenizer(ctx: StageContext) -> dict[str, Any]:
     comp = compression_report(tok, _take(iter_shard_texts(val, column), 500))
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "tokenizer", str(out), "tokenizer")
-    return {
-        "tokenizer_dir": str(out),
-        "vocab_size": tok.vocab_size,
-        "reused": reused,
-        "bytes_per_token": comp["bytes_per_token"],
-    }
+    return TokenizerOutputs(
+        tokenizer_dir=str(out),
+        vocab_size=tok.vocab_size,
+        reused=reused,
+        bytes_per_token=comp["bytes_per_token"],
+    )
 
 
 def _take(it: Iterator[str], n: int) -> list[str]:
@@ -218,41 +137,32 @@ def _take(it: Iterator[str], n: int) -> list[str]:
     return out
 
 
-def stage_pretrain(ctx: StageContext) -> dict[str, Any]:
-    return run_pretrain(
-        ctx, data_dir=data_dir(ctx), tokenizer_dir=tokenizer_dir(ctx), ckpt_dir=base_ckpt_dir(ctx)
-    )
-
-
-def stage_sft(ctx: StageContext) -> dict[str, Any]:
-    return run_sft(
-        ctx, tokenizer_dir=tokenizer_dir(ctx), base_dir=base_ckpt_dir(ctx), out_dir=sft_ckpt_dir(ctx)
-    )
-
-
-def stage_base_eval(ctx: StageContext) -> dict[str, Any]:
+# --- evaluation ----------------------------------------------------------------------------------
+def stage_base_eval(ctx: StageContext) -> EvalOutputs:
+    from shared.nanochat.eval.fixtures import write_fixture_bundle
     from shared.nanochat.eval.runner import run_base_eval
 
-    ev = ctx.spec.get("eval", {})
+    inputs = stage_inputs(ctx)
+    ev = ctx.spec.eval
     out = ctx.run.eval  # base_eval_<step>.json, where the report looks
     result = run_base_eval(
-        base_ckpt_dir(ctx), None, tokenizer_dir(ctx), data_dir(ctx), out,
-        bundle_dir=fixture_dir(ctx, "core_fixture", "write_fixture_bundle"),
-        max_per_task=ev.get("core_max_per_task"), device=device(ctx),
-        bpb_tokens=int(ev.get("tokens") or 1 << 20),
+        inputs.base_checkpoints, None, inputs.tokenizer_dir, inputs.data_dir, out,
+        bundle_dir=shared_dataset(ctx, "core_fixture", write_fixture_bundle),
+        max_per_task=ev.core_max_per_task, device=ctx.spec.hardware.device, bpb_tokens=ev.tokens,
     )  # fmt: skip
     return _record_eval(ctx, result, out)
 
 
-def stage_chat_eval(ctx: StageContext) -> dict[str, Any]:
+def stage_chat_eval(ctx: StageContext) -> EvalOutputs:
+    from shared.nanochat.eval.fixtures import write_fixture_chat_tasks
     from shared.nanochat.eval.runner import run_chat_eval
 
-    ev = ctx.spec.get("eval", {})
+    inputs = stage_inputs(ctx)
     out = ctx.run.eval  # chat_eval_<step>.json
     result = run_chat_eval(
-        sft_ckpt_dir(ctx), None, tokenizer_dir(ctx), out,
-        tasks_dir=fixture_dir(ctx, "chat_fixture", "write_fixture_chat_tasks"),
-        max_per_task=ev.get("chat_max_per_task"), device=device(ctx),
+        inputs.sft_checkpoints, None, inputs.tokenizer_dir, out,
+        tasks_dir=shared_dataset(ctx, "chat_fixture", write_fixture_chat_tasks),
+        max_per_task=ctx.spec.eval.chat_max_per_task, device=ctx.spec.hardware.device,
     )  # fmt: skip
     return _record_eval(ctx, result, out)
 
@@ -260,14 +170,12 @@ def stage_chat_eval(ctx: StageContext) -> dict[str, Any]:
 def _release_accelerator_memory() -> None:
     # The eval worker outlives the model it just evaluated; hand the GPU memory back so the train
     # worker sharing the device does not find it held by a cache.
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _record_eval(ctx: StageContext, result: dict[str, Any], out: Path) -> dict[str, Any]:
+def _record_eval(ctx: StageContext, result: dict[str, Any], out: Path) -> EvalOutputs:
     _release_accelerator_memory()
     numbers = _numbers(result)
     step = numbers.pop("step", None)
@@ -280,65 +188,68 @@ def _record_eval(ctx: StageContext, result: dict[str, Any], out: Path) -> dict[s
             {k: {"value": v} for k, v in numbers.items()},
         )
         registry.record_artifact(s, ctx.job_id, ctx.stage, str(out), "eval")
-    return {"out_dir": str(out), "step": step, "results": numbers}
+    return EvalOutputs(out_dir=str(out), step=None if step is None else int(step), results=numbers)
 
 
+# --- export, serving, report ---------------------------------------------------------------------
 def _best_checkpoint(ctx: StageContext) -> tuple[Path, str]:
     """The model to export: the SFT checkpoint when SFT ran, else the base model."""
-    from shared.nanochat.checkpoint import latest_step
-
-    for kind, d in (("sft", sft_ckpt_dir(ctx)), ("base", base_ckpt_dir(ctx))):
-        if d.is_dir() and latest_step(d) is not None:
+    inputs = stage_inputs(ctx)
+    for kind, d in (("sft", inputs.sft_checkpoints), ("base", inputs.base_checkpoints)):
+        if d.is_dir() and latest_complete(d):
             return d, kind
     raise StageError(
-        "no_checkpoint", f"no complete checkpoint in {sft_ckpt_dir(ctx)} or {base_ckpt_dir(ctx)}"
+        "no_checkpoint", f"no complete checkpoint in {inputs.sft_checkpoints} or {inputs.base_checkpoints}"
     )
 
 
+def latest_complete(d: Path) -> bool:
+    from shared.nanochat.checkpoint import latest_step
+
+    return latest_step(d) is not None
+
+
 def served_name(ctx: StageContext) -> str:
-    name = ctx.spec.get("name") or "nanochat"
-    return f"{name}-{ctx.job_id[:8]}"
+    return f"{ctx.spec.name or 'nanochat'}-{ctx.job_id[:8]}"
 
 
-def stage_export(ctx: StageContext) -> dict[str, Any]:
+def stage_export(ctx: StageContext) -> ExportOutputs:
     from shared.nanochat.export import export_model
 
     ckpt, kind = _best_checkpoint(ctx)
     # fp32 weights when the job trained on CPU: CPU serving is exact and bf16 gains nothing there.
-    dtype = "float32" if device(ctx) == "cpu" else "bfloat16"
+    dtype = "float32" if ctx.spec.hardware.device == "cpu" else "bfloat16"
     out = export_model(
-        ckpt, None, tokenizer_dir(ctx), ctx.run.export, served_name=served_name(ctx), dtype=dtype
+        ckpt, None, stage_inputs(ctx).tokenizer_dir, ctx.run.export, served_name=served_name(ctx), dtype=dtype
     )
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "export", str(out), "export")
-    return {
-        "export_dir": str(out),
-        "checkpoint_kind": kind,
-        "checkpoint_dir": str(ckpt),
-        "served_name": served_name(ctx),
-    }
+    return ExportOutputs(
+        export_dir=str(out), checkpoint_kind=kind, checkpoint_dir=str(ckpt), served_name=served_name(ctx)
+    )
 
 
-def stage_serve(ctx: StageContext) -> dict[str, Any]:
+def stage_serve(ctx: StageContext) -> ServeOutputs:
     from services.inference.publish import publish_model
 
-    export_dir = ctx.stage_outputs("export").get("export_dir") or str(ctx.run.export)
+    export = ctx.stage_outputs("export", ExportOutputs)
+    export_dir = export.export_dir if export is not None else str(ctx.run.export)
     published = publish_model(ctx.settings.serving_dir, served_name(ctx), Path(export_dir))
-    return {
-        "model": served_name(ctx),
-        "export_dir": export_dir,
-        "published": published,
-        "inference_url": ctx.settings.inference_url,
-    }
+    return ServeOutputs(
+        model=served_name(ctx),
+        export_dir=export_dir,
+        published=published,
+        inference_url=ctx.settings.inference_url,
+    )
 
 
-def stage_report(ctx: StageContext) -> dict[str, Any]:
+def stage_report(ctx: StageContext) -> ReportOutputs:
     from shared.nanochat.eval.report import write_report
 
     with session_scope(ctx.sessions) as s:
         job = registry.get_job(s, ctx.job_id)
         summary = {
-            "id": job.id, "kind": job.kind, "name": job.spec.get("name"), "status": job.status,
+            "id": job.id, "kind": job.kind, "name": ctx.spec.name, "status": job.status,
             "stages": {st.name: st.status for st in job.stages},
             "created_at": job.created_at.isoformat(), "attempts": job.attempts,
             "checkpoints": [{"kind": c.kind, "step": c.step, "val_bpb": c.val_bpb}
@@ -348,7 +259,7 @@ def stage_report(ctx: StageContext) -> dict[str, Any]:
     path = write_report(ctx.run.root, summary)
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "report", str(path), "report")
-    return {"report": str(path)}
+    return ReportOutputs(report=str(path))
 
 
 STAGE_FUNCTIONS: dict[str, StageFn] = {
@@ -362,3 +273,5 @@ STAGE_FUNCTIONS: dict[str, StageFn] = {
     "serve": stage_serve,
     "report": stage_report,
 }
+if tuple(STAGE_FUNCTIONS) != STAGE_NAMES:  # the one stage list is shared/jobs/stages.py
+    raise AssertionError(f"stage functions {list(STAGE_FUNCTIONS)} do not match the pipeline {STAGE_NAMES}")

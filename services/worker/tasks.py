@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import logging
 
-from services.worker.celery_app import app, task_name
-from services.worker.dispatch import enqueue_stage, sessions_for
-from services.worker.lease import new_worker_id
+from services.worker.celery_app import app
+from services.worker.heartbeat import new_worker_id
 from services.worker.pipeline import run_stage
-from shared.jobs.queues import STAGE_QUEUES
+from shared.db.session import cached_session_factory
+from shared.jobs.broker import task_name
+from shared.jobs.dispatch import enqueue_stage
+from shared.jobs.stages import STAGE_QUEUES
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ def execute(job_id: str, stage: str) -> str:
         job_id,
         stage,
         settings=settings,
-        sessions=sessions_for(settings),
+        sessions=cached_session_factory(settings),
         worker_id=_worker_id(),
         enqueue=lambda j, st: enqueue_stage(j, st, settings),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -29,11 +29,19 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # --- vocabularies --------------------------------------------------------------------------------
-JOB_KINDS = ("pipeline", "pretrain", "sft", "eval")
-JOB_STATUSES = ("queued", "running", "cancelling", "cancelled", "succeeded", "failed")
+JobKind = Literal["pipeline", "pretrain", "sft", "eval"]
+JobStatus = Literal["queued", "running", "cancelling", "cancelled", "succeeded", "failed"]
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 TERMINAL_STATUSES = frozenset({"cancelled", "succeeded", "failed"})
 STAGE_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "skipped")
-CHECKPOINT_KINDS = ("base", "sft")
+CheckpointKind = Literal["base", "sft"]
+CHECKPOINT_KINDS: tuple[str, ...] = get_args(CheckpointKind)
+
+
+# The largest value the registry's Integer columns hold (steps, sequence numbers, counters): every
+# integer that reaches one is bounded by it where it enters (the job spec, the API's queries).
+MAX_INT32 = 2**31 - 1
 
 
 def utcnow() -> dt.datetime:

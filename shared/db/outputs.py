@@ -110,6 +110,27 @@ def record_checkpoint(
     raise AssertionError("unreachable")
 
 
+def remove_checkpoints(session: Session, job_id: str, kind: str, steps: Iterable[int], why: str) -> int:
+    """Drop the rows of checkpoints that no longer exist (retention deleted them); returns how many."""
+    gone = sorted(set(steps))
+    if not gone:
+        return 0
+    begin_write(session)
+    result = session.execute(
+        delete(Checkpoint).where(
+            Checkpoint.job_id == job_id, Checkpoint.kind == kind, Checkpoint.step.in_(gone)
+        )
+    )
+    n = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    if n:
+        append_event(
+            session, job_id, "checkpoint_removed", f"{kind} checkpoint(s) {gone} removed: {why}",
+            data={"kind": kind, "steps": gone},
+        )  # fmt: skip
+    session.commit()
+    return n
+
+
 def list_checkpoints(session: Session, job_id: str, kind: str | None = None) -> list[Checkpoint]:
     q = select(Checkpoint).where(Checkpoint.job_id == job_id)
     if kind is not None:

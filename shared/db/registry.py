@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -47,6 +48,7 @@ from shared.db.outputs import (
     record_artifact,
     record_checkpoint,
     record_eval_results,
+    remove_checkpoints,
 )
 from shared.db.session import begin_write
 
@@ -81,6 +83,7 @@ __all__ = [
     "record_checkpoint",
     "record_eval_results",
     "release_lease",
+    "remove_checkpoints",
     "renew_lease",
     "request_cancel",
     "resume_job",
@@ -102,6 +105,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "succeeded": frozenset(),
 }
 
+_JOB_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 PROGRESS_FIELDS = ("step", "total_steps", "loss", "tokens_per_sec", "mfu", "eta_seconds", "peak_memory")
 
 
@@ -196,6 +200,8 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         ts, job_id = raw.split("|", 1)
+        if not _JOB_ID.fullmatch(job_id):
+            raise ValueError("bad job id")
         created = dt.datetime.fromisoformat(ts)
         if created.tzinfo is None:
             raise ValueError("naive timestamp")
@@ -210,8 +216,10 @@ def list_jobs(
     cursor: str | None = None,
     limit: int = 50,
     kind: str | None = None,
+    id_prefix: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    """Newest first, keyset-paged: returns (jobs, next_cursor); next_cursor None on the last page."""
+    """Newest first, keyset-paged: returns (jobs, next_cursor); next_cursor None on the last page.
+    `id_prefix` keeps the jobs whose id starts with it (a short id as `ncp jobs watch` prints)."""
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be in 1..1000, got {limit}")
     q = select(Job)
@@ -223,6 +231,10 @@ def list_jobs(
         q = q.where(Job.status.in_(statuses))
     if kind is not None:
         q = q.where(Job.kind == kind)
+    if id_prefix is not None:
+        if not _JOB_ID.fullmatch(id_prefix):
+            raise ValueError(f"id_prefix {id_prefix!r} is not the start of a job id")
+        q = q.where(Job.id.startswith(id_prefix, autoescape=True))
     if cursor:
         created, job_id = _decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))

@@ -9,6 +9,7 @@ when another process committed in between, and no busy timeout helps with that.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -72,6 +73,18 @@ def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
     settings = settings or get_settings()
     assert settings.database_url is not None  # filled in by Settings
     return make_session_factory(make_engine(settings.database_url))
+
+
+@functools.lru_cache(maxsize=4)
+def _factory_for(database_url: str) -> sessionmaker[Session]:
+    return make_session_factory(make_engine(database_url))
+
+
+def cached_session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+    """One engine per registry URL per process (engines pool connections; build them once)."""
+    settings = settings or get_settings()
+    assert settings.database_url is not None
+    return _factory_for(settings.database_url)
 
 
 def begin_write(session: Session) -> None:

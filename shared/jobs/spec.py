@@ -2,22 +2,32 @@
 
 A spec says what to run (kind and stages) and every knob of the run: model shape, data source,
 tokenizer, training horizon, batch, optimizer, eval and checkpoint cadence, SFT data, hardware and
-seed. Unknown fields are refused (extra="forbid") so a typo never silently falls back to a default.
+seed. Unknown fields are refused (extra="forbid") so a typo never silently falls back to a default;
+types are strict (`true` is not a depth, "4" is not a count), every integer fits the registry's
+columns, floats are finite and strings carry no NUL byte.
+
+Training defaults are not restated here: each knob the trainer also has reads its default from
+`TrainConfig` / `SFTConfig` (shared/nanochat/train_config.py, sft_config.py), and
+`shared/jobs/trainer_config.py` maps a spec onto those classes in one function per trainer.
 Derived numbers (batch size from depth, iteration count from a data ratio, learning-rate scaling)
 are NOT computed here: the trainer derives them in shared/nanochat/sizing.py; None means "auto".
 
-Validation needs the allowed data roots (local corpora must lie under NCP_HOME or a configured
-data root). They come from the pydantic validation context `{"roots": [...]}` when given, else
-from `get_settings()`.
+Filesystem checks (local paths under the allowed roots, and existing) run when a spec is
+submitted. The roots come from the validation context `{"roots": [...]}` when given, else from
+`get_settings()`; a spec read back from the registry (`JobSpec.from_stored`) is validated with
+`{"check_paths": False}` and skips them: the stage that reads the files checks every file again,
+symlinks followed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,32 +38,17 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from shared.paths import PathEscapeError, resolve_under_roots
+from shared.db.models import MAX_INT32, JobKind
+from shared.jobs.stages import DEFAULT_STAGES, NEEDS_MODEL, SELECTABLE_STAGES, check_stage_selection
+from shared.nanochat.config import GPTConfig
+from shared.nanochat.sft_config import SFTConfig
+from shared.nanochat.train_config import TrainConfig
+from shared.paths import PathEscapeError, resolve_existing_source
 
-JobKind = Literal["pipeline", "pretrain", "sft", "eval"]
-StageName = Literal["data", "tokenizer", "pretrain", "base_eval", "sft", "chat_eval", "export", "serve"]
-
-# Pipeline order; a job's stages always run in this order.
-STAGES: tuple[str, ...] = (
-    "data",
-    "tokenizer",
-    "pretrain",
-    "base_eval",
-    "sft",
-    "chat_eval",
-    "export",
-    "serve",
-)
-DEFAULT_STAGES: dict[str, tuple[str, ...]] = {
-    "pipeline": STAGES,
-    "pretrain": ("data", "tokenizer", "pretrain", "base_eval"),
-    "sft": ("sft", "chat_eval"),
-    "eval": ("base_eval",),
-}
-# Stages that read a model produced earlier; without `pretrain` in the same job they read the
-# parent job's run folder.
-_NEEDS_MODEL = {"base_eval", "sft", "chat_eval", "export", "serve"}
-
+# Every count a spec gives is bounded by the registry's 32-bit integer columns (shared/db/models.py;
+# step counts end up in them). Token and character budgets never reach an integer column and may be
+# larger, up to what a JSON number carries exactly.
+MAX_JSON_INT = 2**53 - 1
 # Training memory per parameter that does not depend on batch size: fp32 master weights (4 bytes)
 # and gradients (4) on every GPU, optimizer state (Adam moments / Muon momentum, about 8) sharded
 # over all GPUs. Activations come on top, so a model over this floor cannot fit at any batch size.
@@ -61,6 +56,26 @@ _BYTES_WEIGHTS_AND_GRADS = 8
 _BYTES_OPTIMIZER_STATE = 8
 # The largest accelerator the platform targets (MI325X, 256 GB); MI300X has 192 GB, H100 80 GB.
 MAX_DEVICE_MEMORY_BYTES = 256 * 10**9
+# Hub-layout SFT source kind -> the SFTConfig field holding its epochs in the default mixture.
+HUB_EPOCH_FIELDS = {"smoltalk": "smoltalk_epochs", "mmlu": "mmlu_epochs", "gsm8k": "gsm8k_epochs"}
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass field `cls.name`: the one definition the spec refers to."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise AssertionError(f"{cls.__name__}.{name} has no default to refer to")
+            return f.default
+    raise AssertionError(f"{cls.__name__} has no field {name!r}")
+
+
+def train_default(name: str) -> Any:
+    return _default(TrainConfig, name)
+
+
+def sft_default(name: str) -> Any:
+    return _default(SFTConfig, name)
 
 
 def field_error(loc: tuple[str | int, ...], message: str, value: Any) -> ValidationError:
@@ -69,26 +84,53 @@ def field_error(loc: tuple[str | int, ...], message: str, value: Any) -> Validat
     return ValidationError.from_exception_data("JobSpec", [InitErrorDetails(type=err, loc=loc, input=value)])
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; a spec string lands in events, errors and file names.
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL byte")
+    return value
+
+
+def _known_stage(value: str) -> str:
+    if value not in SELECTABLE_STAGES:
+        raise ValueError(f"unknown stage {value!r}; stages are {list(SELECTABLE_STAGES)}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+StageName = Annotated[str, AfterValidator(_known_stage)]
+Count = Annotated[int, Field(le=MAX_INT32)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
     """Model shape from a single depth, as in the reference (width = depth * aspect_ratio)."""
 
-    depth: int = Field(default=20, ge=1, le=256, description="Number of transformer layers")
-    aspect_ratio: int = Field(default=64, ge=1, le=1024, description="model_dim ~= depth * aspect_ratio")
-    head_dim: int = Field(default=128, ge=8, le=512, description="Channels per attention head (even)")
-    n_kv_head: int | None = Field(default=None, ge=1, description="Key/value heads (GQA); None = n_head")
-    window_pattern: str = Field(
-        default="SSSL",
+    depth: int = Field(default=train_default("depth"), ge=1, le=256, description="Transformer layers")
+    aspect_ratio: int = Field(
+        default=train_default("aspect_ratio"), ge=1, le=1024, description="model_dim ~= depth * aspect_ratio"
+    )
+    head_dim: int = Field(
+        default=train_default("head_dim"), ge=8, le=512, description="Channels per attention head (even)"
+    )
+    n_kv_head: int | None = Field(
+        default=train_default("n_kv_head"), ge=1, le=4096, description="Key/value heads (GQA); None = n_head"
+    )
+    window_pattern: Text = Field(
+        default=train_default("window_pattern"),
         pattern=r"^[SLsl]+$",
         max_length=64,
         description="Sliding-window pattern tiled over layers: S short, L long",
     )
-    sequence_len: int = Field(default=2048, ge=16, le=131072)
+    sequence_len: int = Field(default=train_default("max_seq_len"), ge=16, le=131072)
     vocab_size: int = Field(
-        default=32768, ge=265, le=1 << 20, description="Tokenizer vocabulary incl. 9 specials"
+        default=_default(GPTConfig, "vocab_size"),
+        ge=265,
+        le=1 << 20,
+        description="Tokenizer vocabulary incl. 9 specials",
     )
 
     @field_validator("head_dim")
@@ -116,10 +158,8 @@ class ModelSpec(_Strict):
     def n_head(self) -> int:
         return self.model_dim // self.head_dim
 
-    def gpt_config(self) -> Any:
+    def gpt_config(self) -> GPTConfig:
         """The GPTConfig this spec describes (shared/nanochat/config.py)."""
-        from shared.nanochat.config import GPTConfig
-
         return GPTConfig.from_depth(
             self.depth,
             vocab_size=self.vocab_size,
@@ -133,15 +173,24 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     source: Literal["demo", "local", "remote"] = "demo"
-    path: str | None = Field(
-        default=None, description="local: the corpus (file, folder or glob) under an allowed root"
+    path: Text | None = Field(
+        default=None,
+        max_length=4096,
+        description="local: the corpus (file, folder or glob) under an allowed root; it must exist",
     )
-    repo: str | None = Field(default=None, description="remote: Hugging Face dataset repo id")
-    base_url: str | None = Field(default=None, description="remote: base URL of the shard files")
+    repo: Text | None = Field(
+        default=None, max_length=256, description="remote: Hugging Face dataset repo id"
+    )
+    base_url: Text | None = Field(
+        default=None, max_length=2048, description="remote: base URL of the shard files"
+    )
     num_shards: int | None = Field(
-        default=None, ge=2, description="Shards incl. the last (validation) one; None = default/all"
+        default=None,
+        ge=2,
+        le=100_000,
+        description="Shards incl. the last (validation) one; None = default/all",
     )
-    text_column: str = Field(default="text", min_length=1, max_length=128)
+    text_column: Text = Field(default="text", min_length=1, max_length=128)
 
     @field_validator("base_url")
     @classmethod
@@ -173,16 +222,24 @@ class DataSpec(_Strict):
 class TokenizerSpec(_Strict):
     vocab_size: int | None = Field(default=None, ge=265, le=1 << 20, description="None = model.vocab_size")
     max_chars: int = Field(
-        default=2_000_000_000, ge=1000, description="Characters of corpus to train the BPE on"
+        default=2_000_000_000,
+        ge=1000,
+        le=MAX_JSON_INT,
+        description="Characters of corpus to train the BPE on",
     )
 
 
 class HorizonSpec(_Strict):
-    """How long to pretrain: at most one of the three; none = target_param_data_ratio 12 (auto)."""
+    """How long to pretrain: at most one of the three; none = TrainConfig's target_param_data_ratio."""
 
-    num_iterations: int | None = Field(default=None, ge=1)
-    target_param_data_ratio: float | None = Field(default=None, gt=0, le=10_000)
-    target_flops: float | None = Field(default=None, gt=0)
+    num_iterations: Count | None = Field(default=train_default("num_iterations"), ge=1)
+    target_param_data_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description=f"None = {train_default('target_param_data_ratio')} unless another horizon is set",
+    )
+    target_flops: float | None = Field(default=train_default("target_flops"), gt=0, le=1e30)
 
     @model_validator(mode="after")
     def _one(self) -> HorizonSpec:
@@ -202,64 +259,108 @@ class HorizonSpec(_Strict):
 
 
 class BatchSpec(_Strict):
-    device_batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per GPU per micro-step")
-    total_batch_size: int | None = Field(
-        default=None, ge=1, description="Tokens per optimizer step; None = auto"
+    device_batch_size: int = Field(
+        default=train_default("device_batch_size"),
+        ge=1,
+        le=4096,
+        description="Sequences per GPU per micro-step",
+    )
+    total_batch_size: Count | None = Field(
+        default=train_default("total_batch_size"), ge=1, description="Tokens per optimizer step; None = auto"
     )
 
 
 class OptimSpec(_Strict):
-    embedding_lr: float = Field(default=0.3, gt=0, le=10)
-    unembedding_lr: float = Field(default=0.008, gt=0, le=10)
-    matrix_lr: float = Field(default=0.02, gt=0, le=10)
-    scalar_lr: float = Field(default=0.5, gt=0, le=10)
-    weight_decay: float | None = Field(
-        default=None, ge=0, le=10, description="None = auto from depth and batch"
+    embedding_lr: float = Field(default=train_default("embedding_lr"), gt=0, le=10)
+    unembedding_lr: float = Field(default=train_default("unembedding_lr"), gt=0, le=10)
+    matrix_lr: float = Field(default=train_default("matrix_lr"), gt=0, le=10)
+    scalar_lr: float = Field(default=train_default("scalar_lr"), gt=0, le=10)
+    weight_decay: float = Field(
+        default=train_default("weight_decay"),
+        ge=0,
+        le=10,
+        description="Muon weight decay at depth 12; scaled with depth and batch by the trainer",
     )
-    warmup_steps: int = Field(default=40, ge=0)
-    warmdown_ratio: float = Field(default=0.65, ge=0, le=1)
+    warmup_steps: Count = Field(default=train_default("warmup_steps"), ge=0)
+    warmdown_ratio: float = Field(default=train_default("warmdown_ratio"), ge=0, le=1)
 
 
 class EvalSpec(_Strict):
-    every: int = Field(default=250, ge=0, description="Validation bpb every N steps; 0 = only at the end")
-    tokens: int = Field(default=20 * 524288, ge=1, description="Validation tokens per bpb evaluation")
-    core_max_per_task: int | None = Field(default=500, ge=1, description="CORE examples per task; None = all")
-    chat_max_per_task: int | None = Field(
+    every: Count = Field(
+        default=train_default("eval_every"),
+        ge=0,
+        description="Validation bpb every N steps; 0 = only at the end",
+    )
+    tokens: int = Field(
+        default=train_default("eval_tokens"),
+        ge=1,
+        le=MAX_JSON_INT,
+        description="Validation tokens per bpb evaluation (training and the base_eval stage)",
+    )
+    core_max_per_task: Count | None = Field(
+        default=500, ge=1, description="CORE examples per task; None = all"
+    )
+    chat_max_per_task: Count | None = Field(
         default=None, ge=1, description="Chat-eval problems per task; None = all"
     )
 
 
 class CheckpointSpec(_Strict):
-    every: int = Field(
-        default=1000, ge=0, description="Save every N steps (and at the end); 0 = only at the end"
+    every: Count = Field(
+        default=train_default("save_every"),
+        ge=0,
+        description="Save every N steps (and at the end); 0 = only at the end",
     )
-    keep_last: int = Field(default=3, ge=1, le=1000)
+    keep_last: int = Field(default=train_default("keep_last"), ge=1, le=1000)
 
 
 class SFTSource(_Strict):
     kind: Literal["demo", "conversations", "smoltalk", "mmlu", "gsm8k"] = "demo"
-    path: str | None = Field(
-        default=None, description="Local file/folder under an allowed root (not for 'demo')"
+    path: Text | None = Field(
+        default=None,
+        max_length=4096,
+        description="Local file/folder under an allowed root (not for 'demo'); it must exist",
     )
-    repeat: int = Field(default=1, ge=1, le=100, description="Epochs of this source in the mixture")
+    repeat: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Epochs of this source in the mixture; None = SFTConfig's default for the kind",
+    )
 
     @model_validator(mode="after")
     def _path(self) -> SFTSource:
         if self.kind != "demo" and not self.path:
             raise field_error(("path",), f"sft source kind {self.kind!r} needs a local path", None)
+        if self.kind == "demo" and self.path:
+            raise field_error(("path",), "sft source kind 'demo' reads no path", self.path)
         return self
 
 
 class SFTSpec(_Strict):
-    num_iterations: int | None = Field(default=None, ge=1, description="None = one pass over the mixture")
-    device_batch_size: int | None = Field(default=None, ge=1, description="None = batch.device_batch_size")
-    sources: list[SFTSource] = Field(default_factory=lambda: [SFTSource()], min_length=1)
+    num_iterations: Count | None = Field(default=None, ge=1, description="None = one pass over the mixture")
+    device_batch_size: int = Field(default=sft_default("device_batch_size"), ge=1, le=4096)
+    sources: list[SFTSource] = Field(default_factory=lambda: [SFTSource()], min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_tasks_dir(self) -> SFTSpec:
+        # The Hub-layout sources are subfolders of one dataset folder (smol-smoltalk/, mmlu/, gsm8k/).
+        hub = [(i, s) for i, s in enumerate(self.sources) if s.kind in HUB_EPOCH_FIELDS]
+        for i, s in hub[1:]:
+            if s.path != hub[0][1].path:
+                raise field_error(
+                    ("sources", i, "path"),
+                    f"smoltalk/mmlu/gsm8k sources read one dataset folder; got {hub[0][1].path!r} and "
+                    f"{s.path!r}",
+                    s.path,
+                )
+        return self
 
 
 class HardwareSpec(_Strict):
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node; 0 = CPU")
     nodes: int = Field(default=1, ge=1, le=1024)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = train_default("device")
 
     @model_validator(mode="after")
     def _cpu(self) -> HardwareSpec:
@@ -276,11 +377,14 @@ class HardwareSpec(_Strict):
 
 class JobSpec(_Strict):
     kind: JobKind = "pipeline"
-    name: str | None = Field(default=None, max_length=200, description="Free-form label")
+    name: Text | None = Field(default=None, max_length=200, description="Free-form label")
     stages: list[StageName] | None = Field(
-        default=None, description="Stages to run; None = the kind's default"
+        default=None,
+        max_length=len(SELECTABLE_STAGES),
+        description="Stages to run, in pipeline order; None = the kind's default",
+        json_schema_extra={"items": {"type": "string", "enum": list(SELECTABLE_STAGES)}},
     )
-    parent_job_id: str | None = Field(
+    parent_job_id: Text | None = Field(
         default=None,
         max_length=64,
         pattern=r"^[A-Za-z0-9-]+$",
@@ -296,19 +400,13 @@ class JobSpec(_Strict):
     eval: EvalSpec = Field(default_factory=lambda: EvalSpec())
     checkpoint: CheckpointSpec = Field(default_factory=lambda: CheckpointSpec())
     sft: SFTSpec = Field(default_factory=lambda: SFTSpec())
-    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    seed: int = Field(default=train_default("seed"), ge=0, le=2**32 - 1)
 
     @field_validator("stages")
     @classmethod
     def _stages(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("stages must not be empty (omit it for the kind's default)")
-        if len(set(v)) != len(v):
-            raise ValueError(f"stages lists a stage twice: {v}")
-        if v != sorted(v, key=STAGES.index):
-            raise ValueError(f"stages must be in pipeline order {list(STAGES)}, got {v}")
+        if v is not None:
+            check_stage_selection(v)
         return v
 
     @model_validator(mode="after")
@@ -316,10 +414,10 @@ class JobSpec(_Strict):
         if self.stages is None:
             object.__setattr__(self, "stages", list(DEFAULT_STAGES[self.kind]))
         stages = set(self.stages or ())
-        if "pretrain" not in stages and stages & _NEEDS_MODEL and not self.parent_job_id:
+        if "pretrain" not in stages and stages & NEEDS_MODEL and not self.parent_job_id:
             raise field_error(
                 ("parent_job_id",),
-                f"stages {sorted(stages & _NEEDS_MODEL)} need a model: add 'pretrain' or give parent_job_id",
+                f"stages {sorted(stages & NEEDS_MODEL)} need a model: add 'pretrain' or give parent_job_id",
                 None,
             )
         if self.tokenizer.vocab_size is not None and self.tokenizer.vocab_size != self.model.vocab_size:
@@ -330,7 +428,9 @@ class JobSpec(_Strict):
                 self.tokenizer.vocab_size,
             )
         self._check_batch()
-        self._check_paths(info)
+        ctx = (info.context if info is not None else None) or {}
+        if ctx.get("check_paths", True):
+            self._check_paths(_allowed_roots(ctx))
         self._check_fits()
         return self
 
@@ -347,16 +447,21 @@ class JobSpec(_Strict):
                 total,
             )
 
-    def _check_paths(self, info: ValidationInfo) -> None:
-        roots = _allowed_roots(info)
-        checks: list[tuple[tuple[str | int, ...], str | None]] = [(("data", "path"), self.data.path)]
-        checks += [(("sft", "sources", i, "path"), s.path) for i, s in enumerate(self.sft.sources)]
-        for loc, raw in checks:
-            if raw is None:
-                continue
+    def local_paths(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """(field location, raw path) of every local path the spec names."""
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        if self.data.source == "local" and self.data.path:
+            found.append((("data", "path"), self.data.path))
+        for i, s in enumerate(self.sft.sources):
+            if s.path is not None:
+                found.append((("sft", "sources", i, "path"), s.path))
+        return found
+
+    def _check_paths(self, roots: list[Path]) -> None:
+        for loc, raw in self.local_paths():
             try:
-                resolve_under_roots(raw, roots)
-            except PathEscapeError as e:
+                resolve_existing_source(raw, roots)
+            except (PathEscapeError, FileNotFoundError) as e:
                 raise field_error(loc, str(e), raw) from None
 
     def _check_fits(self) -> None:
@@ -373,9 +478,18 @@ class JobSpec(_Strict):
     def resolved_stages(self) -> list[str]:
         return list(self.stages or DEFAULT_STAGES[self.kind])
 
+    @property
+    def checkpoint_tag(self) -> str:
+        """The checkpoint folder name of this spec's model (the reference layout: d12/)."""
+        return f"d{self.model.depth}"
 
-def _allowed_roots(info: ValidationInfo | None) -> list[Path]:
-    ctx = (info.context if info is not None else None) or {}
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> JobSpec:
+        """A spec read back from the registry: validated on submit, so no filesystem checks."""
+        return cls.model_validate(data, context={"check_paths": False})
+
+
+def _allowed_roots(ctx: dict[str, Any]) -> list[Path]:
     if "roots" in ctx:
         return [Path(r) for r in ctx["roots"]]
     from shared.settings import get_settings

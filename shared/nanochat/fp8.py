@@ -24,10 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.nanochat.gpt import GPT, Linear
+from shared.nanochat.train_config import FP8_ALIGN
 
 EPS = 1e-12  # amax floor: an all-zero tensor gets a finite scale
-# cuBLAS/hipBLASLt FP8 GEMMs need every matrix dimension divisible by 16.
-FP8_ALIGN = 16
 # AMD targets with FP8 matrix cores: MI300/MI325 (gfx942, fnuz formats), MI350/MI355 (gfx950, OCP).
 ROCM_FNUZ_ARCHS = ("gfx942",)
 ROCM_FP8_ARCHS = ("gfx942", "gfx950")

@@ -26,8 +26,7 @@ from shared.nanochat.eval.fixtures import BUILTINS, KEYWORDS
 from shared.nanochat.eval.gsm8k import gsm8k_conversation
 from shared.nanochat.eval.tasks import load_conversations, mmlu_conversation, smoltalk_conversation
 from shared.nanochat.jsonl import iter_jsonl
-
-MIXTURES = ("default", "demo", "jsonl")
+from shared.nanochat.sft_config import MIXTURES
 
 
 def read_conversations_jsonl(path: Path) -> list[dict]:

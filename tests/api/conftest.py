@@ -19,12 +19,7 @@ from services.api.migrate import upgrade
 from shared.db.models import Base
 from shared.db.session import make_engine, make_session_factory
 from shared.settings import Settings
-
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-
-
-def pg_url(name: str) -> str:
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+from tests.servers import PG_ADMIN, pg_url
 
 
 @pytest.fixture(scope="module")

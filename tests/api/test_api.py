@@ -13,7 +13,6 @@ from services.api.app import InsecureBindError, create_app
 from shared.db import registry as r
 from shared.jobs.spec import demo_spec
 from shared.paths import run_paths
-from shared.settings import Settings
 from tests.servers import redis_url
 
 from .conftest import free_port
@@ -279,8 +278,11 @@ def test_served_models(client, settings):
     body = client.get("/models/served").json()
     assert body["current"] is None and body["live"]["reachable"] is False
 
+    seen_auth: list[str | None] = []
+
     class Models(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
+            seen_auth.append(self.headers.get("Authorization"))
             payload = json.dumps({"object": "list", "data": [{"id": "demo-d2", "object": "model"}]}).encode()
             self.send_response(200 if self.path == "/v1/models" else 404)
             self.send_header("content-type", "application/json")
@@ -301,6 +303,12 @@ def test_served_models(client, settings):
         body = client.get("/models/served").json()
         assert body["current"] == {"model": "demo-d2", "path": "/x/export"}
         assert body["live"]["reachable"] and body["live"]["models"][0]["id"] == "demo-d2"
+        assert seen_auth[-1] is None
+        # With a chat key configured, the API asks the model server with it.
+        keyed = settings.model_copy(update={"inference_api_key": "chat-key-123456"})
+        with TestClient(create_app(keyed)) as c:
+            assert c.get("/models/served").json()["live"]["reachable"]
+        assert seen_auth[-1] == "Bearer chat-key-123456"
     finally:
         server.shutdown()
         server.server_close()
@@ -318,5 +326,85 @@ def test_openapi_documents_jobspec(client):
     assert "JobPublic" in schemas and "JobsPublic" in schemas
 
 
-def test_settings_type_is_used(settings):
-    assert isinstance(settings, Settings)
+def test_openapi_lists_real_statuses_and_media_types(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    post = paths["/jobs"]["post"]["responses"]
+    assert {"202", "400", "401", "403", "409", "413", "422", "503"} <= set(post)
+    report = paths["/jobs/{job_id}/report"]["get"]["responses"]
+    assert set(report["200"]["content"]) == {"text/markdown"}
+    # Errors are JSON on every route, including those whose success is Markdown, PNG or text.
+    for route in ("/jobs/{job_id}/report", "/jobs/{job_id}/report/{name}", "/jobs/{job_id}"):
+        for status, response in paths[route]["get"]["responses"].items():
+            if int(status) >= 400:
+                assert set(response["content"]) == {"application/json"}, (route, status)
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert {"200", "503"} <= set(paths["/readyz"]["get"]["responses"])
+
+
+def _error(resp, status: int, field: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    if field is not None:
+        assert err["field"] == field and field in err["message"], err
+    return err
+
+
+def test_hostile_input_is_refused_not_a_500(client, demo):
+    jid = submit(client, demo)["id"]
+    # Integers the registry's 32-bit columns cannot hold.
+    _error(client.get(f"/jobs/{jid}/events", params={"after": 2**31}), 422, "after")
+    _error(client.get(f"/jobs/{jid}/metrics", params={"after_step": 2**31}), 422, "after_step")
+    # A NUL byte anywhere in the URL.
+    for url in (
+        f"/jobs/{jid}/metrics?stage=pre%00train",
+        "/jobs?cursor=%00",
+        f"/jobs/{jid}/logs?file=a%00.log",
+    ):
+        assert _error(client.get(url), 422)["code"] == "validation_error", url
+    _error(client.get("/jobs/abc%00def"), 422)
+    # Unknown enum values in filters.
+    _error(client.get("/jobs", params={"kind": "bogus"}), 422, "kind")
+    _error(client.get(f"/jobs/{jid}/metrics", params={"stage": "bogus"}), 422, "stage")
+    _error(client.get(f"/jobs/{jid}/checkpoints", params={"kind": "huge"}), 422, "kind")
+    # Bodies: Infinity and NaN, floats for counts, booleans for numbers, NUL in strings.
+    raw = [
+        ('{"horizon": {"target_flops": 1e400}}', "horizon.target_flops"),
+        ('{"optim": {"matrix_lr": NaN}}', "optim.matrix_lr"),
+        ('{"horizon": {"num_iterations": 3e9}}', "horizon.num_iterations"),
+        ('{"horizon": {"num_iterations": 3000000000}}', "horizon.num_iterations"),
+        ('{"model": {"depth": true}}', "model.depth"),
+        ('{"model": {"depth": "4"}}', "model.depth"),
+        ('{"name": "a\\u0000b"}', "name"),
+        ('{"kind": "pretrain", "eval": {"every": 1e3}}', "eval.every"),
+    ]
+    for body, field in raw:
+        resp = client.post("/jobs", content=body.encode(), headers={"content-type": "application/json"})
+        _error(resp, 422, field)
+    # References checked at submit: an unknown parent job, a local corpus that is not there.
+    resp = client.post("/jobs", json={"kind": "eval", "parent_job_id": "0000-no-such-job"})
+    _error(resp, 422, "parent_job_id")
+    _error(client.post("/jobs", json={"data": {"source": "local", "path": "nowhere"}}), 422, "data.path")
+    child = client.post("/jobs", json={"kind": "eval", "parent_job_id": jid})
+    assert child.status_code == 202 and child.json()["spec"]["parent_job_id"] == jid
+    # Malformed JSON is a documented 400, not a crash.
+    resp = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code in (400, 422) and "error" in resp.json()
+    bad_key = client.post("/jobs", json=demo, headers={"Idempotency-Key": "a b"})
+    _error(bad_key, 422, "Idempotency-Key")
+
+
+def test_request_size_is_limited(client):
+    from services.api.limits import MAX_BODY_BYTES
+
+    big = b'{"name": "' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
+    resp = client.post("/jobs", content=big, headers={"content-type": "application/json"})
+    assert _error(resp, 413)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the body streams in and is counted as it arrives
+        yield b'{"name": "'
+        for _ in range(40):
+            yield b"x" * (64 * 1024)
+        yield b'"}'
+
+    resp = client.post("/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert _error(resp, 413)["code"] == "request_too_large"

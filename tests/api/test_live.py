@@ -1,76 +1,16 @@
-"""A real uvicorn server: the SSE event stream and the `ncp jobs` CLI end to end."""
+"""A real uvicorn server: SSE details, the unreachable-API message and loopback-only access.
+
+Jobs run for real (POST /jobs -> Redis -> `ncp worker`) in test_real_path.py.
+"""
 
 from __future__ import annotations
-
-import json
-import threading
-import time
 
 import httpx
 import pytest
 
 from services.api.client import ApiClientError, JobsClient, parse_sse, progress_line
 from services.cli.main import main as ncp
-from shared.db import registry as r
-from shared.db.session import make_engine, make_session_factory
 from shared.jobs.spec import demo_spec
-
-
-def drive(db_url: str, job_id: str, *, fail: bool = False, delay: float = 0.05) -> threading.Thread:
-    """What a worker does to the registry, from another thread with its own connections."""
-
-    def run() -> None:
-        engine = make_engine(db_url)
-        try:
-            with make_session_factory(engine)() as s:
-                time.sleep(delay * 4)
-                assert r.acquire_lease(s, job_id, "test-worker", 60)
-                for stage in ("data", "tokenizer", "pretrain"):
-                    r.start_stage(s, job_id, stage)
-                    for step in range(0, 3):
-                        r.update_progress(
-                            s, job_id, step=step, total_steps=3, loss=4.0 - step, eta_seconds=3 - step
-                        )
-                        r.add_event(s, job_id, "progress", f"{stage} step {step}", stage=stage)
-                        time.sleep(delay)
-                    if fail and stage == "pretrain":
-                        r.fail_stage(s, job_id, stage, "loss diverged", error_code="nan_loss")
-                        return
-                    r.finish_stage(s, job_id, stage)
-                r.set_job_status(s, job_id, "succeeded")
-                r.release_lease(s, job_id, "test-worker")
-        finally:
-            engine.dispose()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
-def test_sse_follows_job_until_it_ends(live_server, db_url):
-    client = JobsClient(live_server.url)
-    job = client.submit(demo_spec(stages=["data", "tokenizer", "pretrain"]).model_dump(mode="json"))
-    worker = drive(db_url, job["id"])
-    events = list(client.stream_events(job["id"]))
-    worker.join(30)
-    assert events[-1].event == "end"
-    body = [e for e in events if e.event != "end"]
-    seqs = [int(e.id) for e in body]
-    assert seqs == list(range(1, len(seqs) + 1))  # every event, in order, none twice
-    assert [e.json()["seq"] for e in body] == seqs
-    assert body[-1].event == "status" and body[-1].json()["data"]["to"] == "succeeded"
-    assert sum(e.event == "progress" for e in body) == 9
-
-    # A reconnecting client sends Last-Event-ID and gets only what came after it.
-    with httpx.stream(
-        "GET",
-        f"{live_server.url}/jobs/{job['id']}/events",
-        headers={"Accept": "text/event-stream", "Last-Event-ID": str(seqs[-3])},
-    ) as resp:
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        again = list(parse_sse(resp.iter_lines()))
-    assert [int(e.id) for e in again if e.event != "end"] == seqs[-2:]
-    client.close()
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
@@ -116,74 +56,6 @@ def test_progress_line():
         assert part in line, part
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_cli_jobs_commands(live_server, db_url, monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("NCP_API_URL", live_server.url)
-    from shared.settings import get_settings
-
-    get_settings.cache_clear()
-
-    assert (
-        ncp(["jobs", "submit", "--preset", "demo", "--set", "seed=7", "--set", "name=cli-test", "--json"])
-        == 0
-    )
-    job = json.loads(capsys.readouterr().out)
-    assert job["spec"]["seed"] == 7 and job["name"] == "cli-test" and job["status"] == "queued"
-
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(
-        json.dumps(demo_spec(stages=["data", "tokenizer", "pretrain"]).model_dump(mode="json"))
-    )
-    assert ncp(["jobs", "submit", "--spec", str(spec_file), "--depth", "3"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("submitted job ") and "stages: data, tokenizer, pretrain" in out
-    second = out.split()[2]
-
-    assert ncp(["jobs", "submit", "--preset", "demo", "--depth", "0"]) == 1
-    assert "model.depth" in capsys.readouterr().err
-
-    assert ncp(["jobs", "list"]) == 0
-    listing = capsys.readouterr().out
-    assert job["id"] in listing and second in listing
-
-    assert ncp(["jobs", "cancel", job["id"]]) == 0
-    assert "cancelled" in capsys.readouterr().out
-    assert ncp(["jobs", "cancel", job["id"]]) == 1
-    assert "409" in capsys.readouterr().err
-    assert ncp(["jobs", "resume", job["id"]]) == 0
-    assert "queued" in capsys.readouterr().out
-
-    assert ncp(["jobs", "status", "no-such-job"]) == 1
-    assert "404" in capsys.readouterr().err
-
-    # watch follows the job to the end; the exit code says how it ended.
-    worker = drive(db_url, second)
-    assert ncp(["jobs", "watch", second]) == 0
-    worker.join(30)
-    out = capsys.readouterr().out
-    assert "[pretrain] pretrain step 2" in out and "succeeded" in out and "loss" in out
-
-    assert ncp(["jobs", "status", second]) == 0
-    out = capsys.readouterr().out
-    assert "succeeded" in out and "3. pretrain" in out
-
-    from shared.paths import run_paths
-
-    logs = run_paths(get_settings().runs_dir, second).logs
-    logs.mkdir(parents=True)
-    (logs / "train.log").write_text("step 1\nstep 2\n")
-    assert ncp(["jobs", "logs", second, "--lines", "1"]) == 0
-    assert capsys.readouterr().out.strip() == "step 2"
-
-    third = demo_spec(stages=["data", "tokenizer", "pretrain"]).model_dump(mode="json")
-    with JobsClient(live_server.url) as client:
-        failing = client.submit(third)["id"]
-    worker = drive(db_url, failing, fail=True)
-    assert ncp(["jobs", "watch", failing]) == 1
-    worker.join(30)
-    assert "nan_loss" in capsys.readouterr().out
-
-
 def test_cli_unreachable_api(monkeypatch, capsys):
     from .conftest import free_port
 
@@ -192,7 +64,8 @@ def test_cli_unreachable_api(monkeypatch, capsys):
 
     get_settings.cache_clear()
     assert ncp(["jobs", "list"]) == 1
-    assert "cannot reach the API" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach the API" in err and "ncp up" in err and "NCP_API_URL" in err  # says how to fix it
 
 
 def _non_loopback_ipv4() -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -44,14 +46,11 @@ def test_plan_matches_the_trainers_own_sizing(client):
     """The worker maps the spec to TrainConfig and the trainer calls sizing.plan with it; the API's
     plan must come out the same (auto batch, auto horizon)."""
     pytest.importorskip("torch")
-    from services.worker.training import pretrain_config
-    from shared.nanochat.train import TrainConfig
+    from shared.jobs.trainer_config import pretrain_config
 
     spec = JobSpec.model_validate({"model": {"depth": 12}, "hardware": {"gpus": 2}})
-    tc = TrainConfig.from_dict(
-        pretrain_config(
-            spec.model_dump(mode="json"), data_dir="d", tokenizer_dir="t", ckpt_dir="c", resume=False
-        )
+    tc = pretrain_config(
+        spec, data_dir=Path("d"), tokenizer_dir=Path("t"), checkpoint_dir=Path("c"), resume=False
     )
     trainer = sizing.plan(
         tc.depth, vocab_size=spec.model.vocab_size, seq_len=tc.max_seq_len, device_batch_size=tc.device_batch_size,

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from shared.jobs.spec import DEFAULT_STAGES, STAGES, JobSpec, demo_spec, training_memory_floor
+from shared.jobs.spec import JobSpec, demo_spec, training_memory_floor
+from shared.jobs.stages import DEFAULT_STAGES, SELECTABLE_STAGES
 
 
 def bad_field(data: dict, roots: list[Path] | None = None) -> tuple[str, str]:
@@ -22,7 +23,7 @@ def bad_field(data: dict, roots: list[Path] | None = None) -> tuple[str, str]:
 
 
 def test_defaults_per_kind():
-    assert JobSpec().stages == list(STAGES)
+    assert JobSpec().stages == list(SELECTABLE_STAGES)
     assert JobSpec(kind="pretrain").stages == list(DEFAULT_STAGES["pretrain"])
     spec = JobSpec.model_validate({"kind": "sft", "parent_job_id": "abc-123"})
     assert spec.stages == ["sft", "chat_eval"]
@@ -85,6 +86,8 @@ def test_data_path_must_stay_under_allowed_roots(tmp_path):
     for d in (home, extra, outside):
         d.mkdir()
     (home / "link").symlink_to(outside)
+    (extra / "corpus").write_text("text")
+    (home / "corpus" / "shards").mkdir(parents=True)
     roots = [home, extra]
     ok = {"data": {"source": "local", "path": str(extra / "corpus")}}
     assert JobSpec.model_validate(ok, context={"roots": roots}).data.path == str(extra / "corpus")
@@ -104,6 +107,9 @@ def test_data_path_must_stay_under_allowed_roots(tmp_path):
 
 def test_roots_default_to_settings(tmp_path, monkeypatch):
     data_root = tmp_path / "mounted"
+    data_root.mkdir()
+    (data_root / "x").write_text("text")
+    (Path(os.environ["NCP_HOME"]) / "datasets" / "y").mkdir(parents=True)
     monkeypatch.setenv("NCP_DATA_ROOTS", f'["{data_root}"]')
     from shared.settings import get_settings
 

@@ -3,6 +3,7 @@ secret, run only commands that exist, set only NCP_* keys that are settings."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -107,11 +108,15 @@ def test_env_keys_are_settings(configs):
 
 
 def test_env_values_parse_as_settings(configs, monkeypatch):
-    """Each service's NCP_* environment builds a valid Settings (types, placeholders)."""
+    """Each service's NCP_* environment builds a valid Settings (types, placeholders), and every
+    value reaches its field unchanged (a value Settings ignored or misread would fail here)."""
+    from pathlib import Path
+
     from shared.settings import Settings
 
+    checked = 0
     for cfg in configs.values():
-        for svc in cfg["services"].values():
+        for sname, svc in cfg["services"].items():
             # None: a key listed without a value, passed on only when .env sets it.
             env = {
                 k: str(v)
@@ -125,7 +130,22 @@ def test_env_values_parse_as_settings(configs, monkeypatch):
                     monkeypatch.delenv(k)
             for k, v in env.items():
                 monkeypatch.setenv(k, v)
-            Settings()
+            settings = Settings()
+            for key, raw in env.items():
+                value = getattr(settings, key.removeprefix("NCP_").lower())
+                if isinstance(value, bool):
+                    same = value == (raw.strip().lower() in ("1", "true", "yes", "on"))
+                elif isinstance(value, (int, float)):
+                    same = value == float(raw)
+                elif isinstance(value, Path):
+                    same = value == Path(raw).expanduser().resolve()
+                elif isinstance(value, list):
+                    same = [str(x) for x in value] == json.loads(raw)
+                else:
+                    same = str(value) == raw
+                assert same, f"{sname}: {key}={raw!r} became {value!r}"
+                checked += 1
+    assert checked > 20  # the compose files do set settings; none was skipped
 
 
 def test_missing_secret_fails_fast(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from shared.jobs.spec import JobSpec
 from tests.deploy.conftest import REPO, setting_env_names
@@ -14,9 +13,8 @@ DOC = (REPO / "docs" / "deploy.md").read_text()
 
 def test_post_jobs_example_is_a_valid_spec():
     (body,) = re.findall(r"<<'JSON'\n(.*?)\nJSON\n", DOC, flags=re.S)
-    spec = JobSpec.model_validate(
-        json.loads(body), context={"roots": [Path("/data/ncp"), Path("/data/corpora")]}
-    )
+    # The example's corpus is on the deployment's volume, not here: only its shape is checked.
+    spec = JobSpec.model_validate(json.loads(body), context={"check_paths": False})
     assert spec.kind == "pipeline" and spec.model.depth == 24
     assert "POST http://127.0.0.1:8000/jobs" in DOC and "Authorization: Bearer $TOKEN" in DOC
 

@@ -12,10 +12,11 @@ import kubernetes_validate
 import pytest
 
 from services.train_worker import k8s
+from shared.jobs.spec import JobSpec
 from shared.settings import Settings
 from tests.deploy.test_helm import REQUIRED, merge, render
 
-SPEC = {"kind": "pretrain", "hardware": {"gpus": 8, "nodes": 4, "device": "auto"}}
+SPEC = JobSpec.model_validate({"kind": "pretrain", "hardware": {"gpus": 8, "nodes": 4, "device": "auto"}})
 
 
 def make_cfg(**kw) -> k8s.MultinodeConfig:

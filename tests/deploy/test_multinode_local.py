@@ -29,34 +29,13 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_node_torchrun_command_trains(tmp_path):
     from shared.nanochat.checkpoint import load_checkpoint
-    from shared.nanochat.corpus import iter_shard_texts, split_shards
-    from shared.nanochat.demo_corpus import write_demo_corpus
-    from shared.nanochat.tokenizer import train_tokenizer
-    from shared.nanochat.train import TrainConfig
+    from tests.tiny import tiny_corpus, tiny_train_config
 
-    data = tmp_path / "data"
-    write_demo_corpus(data, num_shards=3, seed=0, max_bytes=300_000)
-    train_tokenizer(iter_shard_texts(split_shards(data)[0]), vocab_size=512, out_dir=tmp_path / "tok")
+    data, tok = tiny_corpus(tmp_path)
     run = tmp_path / "runs" / "mn-1"
     run.mkdir(parents=True)
-    train_cfg = TrainConfig(
-        data_dir=str(data),
-        tokenizer_dir=str(tmp_path / "tok"),
-        checkpoint_dir=str(run / "ckpt"),
-        depth=2,
-        aspect_ratio=32,
-        head_dim=64,
-        max_seq_len=64,
-        window_pattern="L",
-        device_batch_size=4,
-        total_batch_size=512,  # = 2 nodes x 4 rows x 64 tokens
-        num_iterations=3,
-        warmup_steps=1,
-        eval_every=0,
-        eval_tokens=1024,
-        device="cpu",
-        seed=7,
-    )
+    # total_batch_size 512 = 2 nodes x 4 rows x 64 tokens
+    train_cfg = tiny_train_config(data, tok, run / "ckpt", num_iterations=3, warmup_steps=1, seed=7)
     (run / "pretrain_config.json").write_text(json.dumps(train_cfg.to_dict()))
 
     port = free_port()

@@ -65,36 +65,15 @@ def scripted_lm(tokenizer):
 def trained_base(tmp_path_factory):
     """(data_dir, tokenizer_dir, checkpoint_dir) of a tiny base model really pretrained for a few
     steps on the offline demo corpus (depth 2, width 64, T=128)."""
-    from shared.nanochat.corpus import iter_shard_texts, split_shards
-    from shared.nanochat.demo_corpus import write_demo_corpus
-    from shared.nanochat.train import TrainConfig, train
+    from shared.nanochat.train import train
+    from tests.tiny import tiny_corpus, tiny_train_config
 
     root = tmp_path_factory.mktemp("eval_base")
-    data = root / "data"
-    write_demo_corpus(data, num_shards=3, seed=0, max_bytes=300_000)
-    train_shards, _ = split_shards(data)
-    train_tokenizer(iter_shard_texts(train_shards), vocab_size=512, out_dir=root / "tokenizer")
-    cfg = TrainConfig(
-        data_dir=str(data),
-        tokenizer_dir=str(root / "tokenizer"),
-        checkpoint_dir=str(root / "base"),
-        depth=2,
-        aspect_ratio=32,
-        head_dim=64,
-        max_seq_len=128,
-        window_pattern="L",
-        device_batch_size=4,
-        total_batch_size=512,
-        num_iterations=30,
-        warmup_steps=2,
-        eval_every=0,
-        eval_tokens=1024,
-        device="cpu",
-        seed=7,
-    )
+    data, tok = tiny_corpus(root)
+    cfg = tiny_train_config(data, tok, root / "base", max_seq_len=128, num_iterations=30, seed=7)
     result = train(cfg)
     assert result.checkpoint_step == 30
-    return data, root / "tokenizer", root / "base"
+    return data, tok, root / "base"
 
 
 @pytest.fixture

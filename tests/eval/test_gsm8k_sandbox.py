@@ -1,15 +1,12 @@
-"""GSM8K answer extraction and the HumanEval sandbox."""
+"""GSM8K answer extraction and HumanEval grading (the sandbox itself: test_sandbox.py)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 
 from shared.nanochat.eval.chat import humaneval_passes
 from shared.nanochat.eval.gsm8k import extract_answer, is_correct, normalize_number, solution_to_parts
-from shared.nanochat.eval.sandbox import SandboxLimits, run_program
+from shared.nanochat.eval.sandbox import SandboxLimits
 
 
 @pytest.mark.parametrize(
@@ -50,46 +47,6 @@ def test_solution_to_tool_calls():
 
 # generous wall clock: CI shares 2 cores; the CPU limit is what stops a busy loop
 FAST = SandboxLimits(wall_seconds=15.0, cpu_seconds=2, memory_bytes=512 * 1024 * 1024)
-
-
-def test_sandbox_pass_and_fail():
-    assert run_program("print('ok')", FAST).status == "passed"
-    r = run_program("assert 1 == 2", FAST)
-    assert r.status == "failed" and "AssertionError" in r.stderr
-
-
-def test_sandbox_kills_loop_and_sleeper():
-    assert run_program("while True:\n    pass\n", FAST).status == "timeout"
-    # a sleeping program uses no CPU: the wall clock kills its whole process group
-    assert run_program("import time\ntime.sleep(60)\n", SandboxLimits(wall_seconds=1.0)).status == "timeout"
-
-
-def test_sandbox_stops_memory_eater():
-    # one allocation past the address-space limit fails at once, however loaded the machine is
-    r = run_program("x = bytearray(1 << 30)\n", FAST)
-    assert r.status == "memory" and not r.success
-    r = run_program("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", FAST)
-    assert r.status in ("memory", "timeout") and not r.success
-
-
-def test_sandbox_blocks_writes_outside(tmp_path):
-    target = tmp_path / "outside.txt"
-    for code in (
-        f"open({str(target)!r}, 'w').write('x')",
-        f"import os\nos.system('touch {target}')",
-        f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
-        f"import os\nos.remove({str(Path(__file__))!r})",
-        # raising its own limits (possible when the worker runs as root) is refused too
-        "import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, (-1, -1))",
-    ):
-        assert run_program(code, FAST).status == "failed", code
-    assert not target.exists() and Path(__file__).exists()
-    # inside its own temp dir (cwd, HOME, TMPDIR) it may write freely
-    code = "import os, tempfile\nopen('a.txt', 'w').write('x')\nopen(os.path.join(os.environ['HOME'], 'b'), 'w')\ntempfile.mkstemp()\nprint(os.getcwd())"
-    r = run_program(code, FAST)
-    assert r.status == "passed" and not os.path.exists(r.stdout.strip())  # temp dir removed afterwards
-    big = run_program("open('big', 'wb').write(b'x' * (10 * 1024 * 1024))", FAST)
-    assert big.status != "passed"  # RLIMIT_FSIZE
 
 
 def test_humaneval_grading():

@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
-from services.worker.pipeline import first_unfinished_stage, job_stages, run_stage
+from services.worker.pipeline import run_stage
 from services.worker.reconciler import ReconcileConfig, reconcile_once
 from shared.db import registry
 from shared.db.session import session_scope
@@ -62,7 +63,6 @@ def test_stage_runs_once_and_hands_over(sessions, submit, make_spec):
     # Redelivered tokenizer stage after success: nothing is retrained.
     assert _run(sessions, job_id, "tokenizer")[0] == "duplicate"
     with session_scope(sessions) as s:
-        assert first_unfinished_stage(s, job_id) == "report"
         started = [e for e in registry.list_events(s, job_id, limit=1000) if e.type == "stage_started"]
     assert [e.stage for e in started] == ["data", "tokenizer"]
 
@@ -160,12 +160,14 @@ def test_reconciler_leaves_live_and_recent_jobs_alone(sessions, submit, make_spe
 
 
 def test_job_stages_end_with_report():
-    assert job_stages({"kind": "eval", "stages": None}) == ["base_eval", "report"]
-    assert job_stages({"kind": "pipeline", "stages": ["data", "tokenizer"]}) == [
-        "data",
-        "tokenizer",
-        "report",
-    ]
+    from shared.jobs.stages import first_unfinished, job_stages, next_stage
+
+    assert job_stages(["base_eval"]) == ["base_eval", "report"]
+    assert job_stages(["data", "tokenizer"]) == ["data", "tokenizer", "report"]
+    assert next_stage(["data", "tokenizer"], "tokenizer") == "report"
+    assert next_stage(["data", "tokenizer"], "report") is None
+    assert first_unfinished(["data", "tokenizer"], {"data"}) == "tokenizer"
+    assert first_unfinished(["data", "tokenizer"], {"data", "tokenizer", "report"}) is None
 
 
 def test_multinode_without_cluster_fails_with_a_clear_error(sessions, submit, make_spec):
@@ -185,7 +187,7 @@ def test_multinode_without_cluster_fails_with_a_clear_error(sessions, submit, ma
 
 
 def test_heartbeat_notices_a_stolen_lease(sessions, submit, make_spec):
-    from services.worker.lease import LeaseHeartbeat
+    from services.worker.heartbeat import LeaseHeartbeat
 
     job_id = submit(make_spec(stages=["data"]), enqueue=False)
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=30)
@@ -212,3 +214,69 @@ def test_worker_cli_arguments():
     assert argv[argv.index("-Q") + 1] == "train"
     argv = worker_argv(["data", "eval"], 3, "INFO")
     assert argv[argv.index("-c") + 1] == "3"
+
+
+def test_local_corpus_with_a_link_out_of_the_roots_is_refused(
+    sessions, submit, make_spec, platform_env, tmp_path
+):
+    """The corpus folder lies inside NCP_HOME, so the spec is accepted; one file in it is a link to
+    a file elsewhere, and the data stage refuses to read it (before reading anything)."""
+    from pathlib import Path
+
+    home = Path(platform_env["NCP_HOME"])
+    corpus = home / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "a.txt").write_text("A perfectly ordinary document.\n" * 50)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-TOKEN " * 100)
+    (corpus / "b.txt").symlink_to(secret)
+    job_id = submit(make_spec(stages=["data"], data={"source": "local", "path": "corpus"}), enqueue=False)
+    out, _ = _run(sessions, job_id, "data")
+    assert out == "failed"
+    job, stages = _job(sessions, job_id)
+    assert "b.txt" in stages["data"].error and "outside the allowed data roots" in stages["data"].error
+    shards = list((home / "runs" / job_id / "data").glob("*.parquet"))
+    assert not shards  # nothing was imported
+
+
+def test_job_errors_never_carry_sql():
+    from sqlalchemy.exc import DataError
+
+    from services.worker.pipeline import error_text
+
+    e = DataError(
+        "INSERT INTO metrics (job_id, step) VALUES (%(job_id)s, %(step)s)",
+        {"job_id": "j", "step": 3_000_000_000},
+        Exception("integer out of range\nDETAIL: more"),
+    )
+    text = error_text(e)
+    assert text == "registry error: Exception: integer out of range"
+    assert "INSERT" not in text and "3000000000" not in text
+    assert error_text(ValueError("a\x00b")) == "ValueError: a\\0b"
+
+
+def test_checkpoint_listing_follows_retention_and_evals(sessions, submit, make_spec):
+    """Retention deletes old checkpoints on disk: the registry drops them too; a checkpoint's
+    val_bpb is an evaluation of its own step or nothing (never an older step's number)."""
+    from shared.nanochat.checkpoint import list_checkpoints
+
+    spec = make_spec(
+        stages=["data", "tokenizer", "pretrain"],
+        horizon={"num_iterations": 12},
+        checkpoint={"every": 3, "keep_last": 2},
+        eval={"every": 6},
+    )
+    job_id = submit(spec, enqueue=False)
+    for stage in ("data", "tokenizer", "pretrain"):
+        assert _run(sessions, job_id, stage)[0] == "ran", stage
+    _, stages = _job(sessions, job_id)
+    ckpt_dir = Path(stages["pretrain"].outputs["checkpoint_dir"])
+    on_disk = sorted(c.step for c in list_checkpoints(ckpt_dir) if c.complete)
+    with session_scope(sessions) as s:
+        rows = {c.step: c for c in registry.list_checkpoints(s, job_id)}
+        bpb = {m.step: m.value for m in registry.get_metrics(s, job_id, names=["val_bpb"])}
+        removed = [e for e in registry.list_events(s, job_id, limit=1000) if e.type == "checkpoint_removed"]
+    assert on_disk == [9, 12] and sorted(rows) == on_disk
+    assert rows[12].val_bpb == bpb[12]  # evaluated at its own step (the last one)
+    assert rows[9].val_bpb is None  # 9 was not evaluated; 6's number does not describe it
+    assert removed and {s for e in removed for s in e.data["steps"]} == {3, 6}

@@ -45,7 +45,7 @@ def test_data_pipeline_through_workers(procs, sessions, submit, make_spec, waite
 
 
 def test_duplicate_messages_and_two_workers_run_each_stage_once(procs, sessions, submit, make_spec, waiter):
-    from services.worker.dispatch import enqueue_job
+    from shared.jobs.dispatch import enqueue_job
 
     job_id = submit(make_spec(stages=["data", "tokenizer"]))
     for _ in range(3):  # the API retried, the reconciler fired, a message was redelivered...
@@ -80,8 +80,8 @@ def test_redis_flushdb_loses_no_job(procs, sessions, submit, make_spec, waiter, 
 
 
 def test_reconciler_leaves_jobs_waiting_in_redis_alone(sessions, submit, make_spec, redis_db):
-    from services.worker.dispatch import enqueue_job, waiting_messages
     from services.worker.reconciler import ReconcileConfig, reconcile_once
+    from shared.jobs.dispatch import enqueue_job, waiting_messages
 
     cfg = ReconcileConfig(max_attempts=3, grace_seconds=0, interval_seconds=1)
     job_id = submit(make_spec(stages=["data"]))  # no worker: the message waits in Redis

@@ -80,7 +80,7 @@ def test_cancel_mid_training_frees_the_process_group_then_resume(procs, sessions
         assert ckpts and max(ckpts) >= stopped_at
 
     # Resume (what POST /jobs/{id}/resume does): training continues from the stop checkpoint.
-    from services.worker.dispatch import enqueue_job
+    from shared.jobs.dispatch import enqueue_job
 
     with session_scope(sessions) as s:
         registry.resume_job(s, job_id)
@@ -97,13 +97,15 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
     procs.worker("data", "data,eval")
     procs.worker("train-1", "train")
     procs.start("reconciler", "reconciler")
-    job_id = submit(make_spec(horizon={"num_iterations": 40}, checkpoint={"every": 8}))
+    # Long enough that the kill lands mid-run however fast this machine trains the tiny model.
+    total = 160
+    job_id = submit(make_spec(horizon={"num_iterations": total}, checkpoint={"every": 16}))
 
     def has_checkpoint():
         with session_scope(sessions) as s:
-            return any(c.step >= 16 for c in registry.list_checkpoints(s, job_id))
+            return any(c.step >= 32 for c in registry.list_checkpoints(s, job_id))
 
-    waiter(has_checkpoint, 150, what="a checkpoint at step >= 16")
+    waiter(has_checkpoint, 150, what="a checkpoint at step >= 32")
     pgid = _pgid(job_id)
     assert pgid is not None
     procs.kill("train-1", signal.SIGKILL)  # the worker and its pool die at once, no cleanup
@@ -129,18 +131,18 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
         ckpts = sorted(c.step for c in registry.list_checkpoints(s, job_id, kind="base"))
         events = [e.type for e in registry.list_events(s, job_id, limit=1000)]
     resumed_from = pre["resumed_from"]
-    assert resumed_from == newest_on_disk and resumed_from >= 16
-    assert pre["step"] == 40
-    assert ckpts == [8, 16, 24, 32, 40]  # each checkpoint once, none lost
+    assert resumed_from == newest_on_disk and 32 <= resumed_from < total
+    assert pre["step"] == total
+    assert ckpts == list(range(16, total + 1, 16))  # each checkpoint once, none lost
     assert "retry" in events and "resume" in events
-    # One metric row per step, 1..40: the steps the second attempt repeated were not re-recorded.
-    assert _metric_steps(sessions, job_id) == list(range(1, 41))
+    # One metric row per step, 1..total: the steps the second attempt repeated were not re-recorded.
+    assert _metric_steps(sessions, job_id) == list(range(1, total + 1))
     # The trainer's own log shows continuation: the second attempt started right after the checkpoint.
     progress_steps = [r["step"] for r in _progress(job_id) if r["type"] == "progress"]
     # (Indexing by line count, not by a step going backwards: the kill can land right after the
     # checkpoint's own step, and then no step repeats.)
     assert progress_steps[first_attempt_lines] == resumed_from + 1
-    assert progress_steps[-1] == 40
+    assert progress_steps[-1] == total
     assert f"job {job_id} retried" in procs.log("reconciler")
     assert (
         Path(run_paths(get_settings().runs_dir, job_id).logs / "pretrain.log").read_text().count("launching:")
@@ -162,5 +164,5 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(procs, sessions, submit, 
     assert waiter(lambda: _finished(sessions, child), 120, what="eval job") == "succeeded"
     with session_scope(sessions) as s:
         ev = registry.get_stage(s, child, "base_eval").outputs
-    assert ev["step"] == 40 and ev["results"]["val_bpb"] > 0
+    assert ev["step"] == total and ev["results"]["val_bpb"] > 0
     assert Path(ev["out_dir"]).is_relative_to(run_paths(get_settings().runs_dir, child).root)

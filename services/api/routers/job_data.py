@@ -11,12 +11,14 @@ from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse
+from pydantic import AfterValidator, StringConstraints
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette.sse import EventSourceResponse
 
 from services.api import metrics_series
-from services.api.deps import AuthDep, SessionDep, SettingsDep
+from services.api.deps import AuthDep, JobId, SessionDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError
 from services.api.schemas import (
@@ -33,12 +35,29 @@ from services.api.schemas import (
     MetricsPublic,
 )
 from shared.db import registry
+from shared.db.models import MAX_INT32, CheckpointKind
 from shared.db.session import session_scope
+from shared.jobs.stages import STAGE_NAMES
 from shared.paths import PathEscapeError, run_paths, safe_join
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["job data"])
 
 MAX_LOG_BYTES = 4 * 1024 * 1024  # never read more than this from the end of one log file
+# What the report folder holds, by suffix (report.md, loss.png).
+REPORT_MEDIA_TYPES = {".md": "text/markdown; charset=utf-8", ".png": "image/png"}
+
+
+def _known_stage(value: str | None) -> str | None:
+    if value is not None and value not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {value!r}; stages are {list(STAGE_NAMES)}")
+    return value
+
+
+StageQuery = Annotated[
+    str | None,
+    AfterValidator(_known_stage),
+    Query(max_length=32, description="A pipeline stage", json_schema_extra={"enum": list(STAGE_NAMES)}),
+]
 
 
 # --- events --------------------------------------------------------------------------------------
@@ -94,10 +113,10 @@ async def _event_stream(request: Request, job_id: str, after: int) -> AsyncItera
 )
 def job_events(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     _auth: AuthDep,
-    after: Annotated[int, Query(ge=0, description="Return events with seq > after")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INT32, description="Return events with seq > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     accept: Annotated[str | None, Header()] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -131,12 +150,15 @@ def job_events(
 )
 def job_metrics(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     _auth: AuthDep,
-    name: Annotated[list[str] | None, Query(description="Only these series (repeatable)")] = None,
-    stage: Annotated[str | None, Query()] = None,
-    after_step: Annotated[int | None, Query(ge=-1)] = None,
+    name: Annotated[
+        list[Annotated[str, StringConstraints(max_length=64)]] | None,
+        Query(description="Only these series (repeatable)"),
+    ] = None,
+    stage: StageQuery = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_INT32, description="Steps > after_step")] = None,
     points: Annotated[
         int | None,
         Query(
@@ -147,7 +169,9 @@ def job_metrics(
     ] = None,
     cursor: Annotated[str | None, Query(description="paged: next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=metrics_series.MAX_PAGE_ROWS)] = metrics_series.MAX_PAGE_ROWS,
-    after_id: Annotated[int, Query(ge=0, description="live stream: rows after this row id")] = 0,
+    after_id: Annotated[
+        int, Query(ge=0, le=MAX_INT32, description="live stream: rows after this row id")
+    ] = 0,
     accept: Annotated[str | None, Header()] = None,
 ) -> Any:
     registry.get_job(session, job_id)
@@ -226,7 +250,7 @@ async def _metrics_stream(
 
 @router.get("/checkpoints", response_model=CheckpointsPublic, responses=_ERRORS, summary="Checkpoints")
 def job_checkpoints(
-    job_id: str, session: SessionDep, _auth: AuthDep, kind: Annotated[str | None, Query()] = None
+    job_id: JobId, session: SessionDep, _auth: AuthDep, kind: Annotated[CheckpointKind | None, Query()] = None
 ) -> CheckpointsPublic:
     registry.get_job(session, job_id)
     rows = [CheckpointPublic.of(c) for c in registry.list_checkpoints(session, job_id, kind=kind)]
@@ -235,7 +259,7 @@ def job_checkpoints(
 
 @router.get("/evals", response_model=EvalResultsPublic, responses=_ERRORS, summary="Evaluation results")
 def job_evals(
-    job_id: str, session: SessionDep, _auth: AuthDep, stage: Annotated[str | None, Query()] = None
+    job_id: JobId, session: SessionDep, _auth: AuthDep, stage: StageQuery = None
 ) -> EvalResultsPublic:
     registry.get_job(session, job_id)
     rows = [
@@ -250,7 +274,7 @@ def job_evals(
 @router.get(
     "/artifacts", response_model=ArtifactsPublic, responses=_ERRORS, summary="Named outputs of the job"
 )
-def job_artifacts(job_id: str, session: SessionDep, _auth: AuthDep) -> ArtifactsPublic:
+def job_artifacts(job_id: JobId, session: SessionDep, _auth: AuthDep) -> ArtifactsPublic:
     registry.get_job(session, job_id)
     arts = [
         ArtifactPublic(name=a.name, path=a.path, kind=a.kind, created_at=a.created_at)
@@ -279,12 +303,14 @@ def tail_lines(path: Path, lines: int) -> str:
 
 @router.get("/logs", response_model=LogsPublic, responses=_ERRORS, summary="Tail of the job's log files")
 def job_logs(
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     settings: SettingsDep,
     _auth: AuthDep,
     lines: Annotated[int, Query(ge=1, le=10_000)] = 200,
-    file: Annotated[str | None, Query(description="One log file name, e.g. train.log")] = None,
+    file: Annotated[
+        str | None, Query(max_length=255, description="One log file name, e.g. train.log")
+    ] = None,
 ) -> LogsPublic:
     registry.get_job(session, job_id)
     logs_dir = run_paths(settings.runs_dir, job_id).logs
@@ -302,33 +328,46 @@ def job_logs(
     return LogsPublic(job_id=job_id, logs={p.name: tail_lines(p, lines) for p in paths})
 
 
+class MarkdownResponse(PlainTextResponse):
+    media_type = "text/markdown"
+
+
 @router.get(
     "/report",
-    responses={**_ERRORS, 200: {"content": {"text/markdown": {}}}},
-    response_class=PlainTextResponse,
+    responses={**_ERRORS, 200: {"description": "The report (Markdown)"}},
+    response_class=MarkdownResponse,
     summary="The run's Markdown report",
 )
-def job_report(job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep) -> PlainTextResponse:
+def job_report(job_id: JobId, session: SessionDep, settings: SettingsDep, _auth: AuthDep) -> MarkdownResponse:
     registry.get_job(session, job_id)
     report = run_paths(settings.runs_dir, job_id).report / "report.md"
     if not report.is_file():
         raise ApiError(404, "report_not_ready", f"job {job_id} has no report yet")
-    return PlainTextResponse(report.read_text(encoding="utf-8"), media_type="text/markdown; charset=utf-8")
+    return MarkdownResponse(report.read_text(encoding="utf-8"))
 
 
 @router.get(
     "/report/{name}",
-    responses={**_ERRORS, 200: {"content": {"image/png": {}}}},
-    summary="A file of the report, e.g. the loss plot (loss.png)",
+    response_class=FileResponse,
+    responses={
+        **_ERRORS,
+        200: {"content": {"image/png": {}, "text/markdown": {}}, "description": "The file"},
+    },
+    summary="A file of the report: the loss plot (loss.png) or the report itself (report.md)",
 )
 def job_report_file(
-    name: str, job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep
+    name: Annotated[str, PathParam(max_length=255)],
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    _auth: AuthDep,
 ) -> FileResponse:
     registry.get_job(session, job_id)
     try:
         path = safe_join(run_paths(settings.runs_dir, job_id).report, name)
     except PathEscapeError as e:
         raise ApiError(422, "validation_error", str(e), "name") from None
-    if not path.is_file():
+    media_type = REPORT_MEDIA_TYPES.get(path.suffix.lower())
+    if media_type is None or not path.is_file():
         raise ApiError(404, "not_found", f"job {job_id} has no report file {name!r}", "name")
-    return FileResponse(path)
+    return FileResponse(path, media_type=media_type)

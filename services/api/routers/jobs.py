@@ -8,12 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.api.deps import AuthDep, SessionDep, SettingsDep
+from services.api.deps import AuthDep, JobId, SessionDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
-from services.api.errors import ApiError
+from services.api.errors import ApiError, error_responses
 from services.api.schemas import JobPublic, JobsPublic
 from shared.db import registry
+from shared.db.models import JobKind, JobStatus
 from shared.db.session import session_scope
+from shared.jobs.dispatch import enqueue_job
 from shared.jobs.spec import JobCreate
 from shared.settings import Settings
 
@@ -25,11 +27,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def enqueue(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> bool:
     """Hand the job's next stage to the workers. Failure is not fatal: the job stays queued in the
     registry and the reconciler enqueues it later (Postgres is the truth, the broker a courier)."""
-    try:
-        from services.worker.dispatch import enqueue_job
-    except ImportError as e:
-        log.warning("worker dispatch unavailable (%s); job %s stays queued for the reconciler", e, job_id)
-        return False
     try:
         enqueue_job(job_id, settings=settings)
         return True
@@ -53,7 +50,7 @@ def _public(session: Any, job: Any) -> JobPublic:
     "",
     status_code=202,
     response_model=JobPublic,
-    responses=_ERRORS,
+    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
     summary="Submit a job",
     description="Validates the job spec, records the job as queued and enqueues its first stage. "
     "With an Idempotency-Key header, repeating the request returns the same job. "
@@ -66,11 +63,20 @@ def submit_job(
     settings: SettingsDep,
     _auth: AuthDep,
     body: Annotated[dict[str, Any], Body()],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
+    ] = None,
 ) -> JobPublic:
     # Validated here rather than by FastAPI so the configured data roots reach the path checks;
     # a ValidationError becomes a 422 naming the field (services/api/errors.py).
     spec = JobCreate.model_validate(body, context={"roots": [settings.home, *settings.data_roots]})
+    if spec.parent_job_id is not None:
+        try:
+            registry.get_job(session, spec.parent_job_id)
+        except registry.JobNotFound:
+            raise ApiError(
+                422, "validation_error", f"parent_job_id: no job {spec.parent_job_id!r}", "parent_job_id"
+            ) from None
     job, created = registry.create_or_get_job(session, spec, idempotency_key)
     if created:
         enqueue(job.id, settings, request.app.state.session_factory)
@@ -83,13 +89,21 @@ def submit_job(
 def list_jobs(
     session: SessionDep,
     _auth: AuthDep,
-    status: Annotated[list[str] | None, Query(description="Filter by status (repeatable)")] = None,
-    kind: Annotated[str | None, Query()] = None,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    status: Annotated[list[JobStatus] | None, Query(description="Filter by status (repeatable)")] = None,
+    kind: Annotated[JobKind | None, Query()] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    id_prefix: Annotated[
+        str | None,
+        Query(min_length=1, max_length=36, pattern=r"^[A-Za-z0-9-]+$", description="Jobs whose id starts so"),
+    ] = None,
 ) -> JobsPublic:
     try:
-        jobs, next_cursor = registry.list_jobs(session, status=status, cursor=cursor, limit=limit, kind=kind)
+        jobs, next_cursor = registry.list_jobs(
+            session, status=status, cursor=cursor, limit=limit, kind=kind, id_prefix=id_prefix
+        )
     except ValueError as e:
         field = "cursor" if "cursor" in str(e) else "status"
         raise ApiError(422, "validation_error", str(e), field) from None
@@ -100,7 +114,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Job status and progress")
-def get_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
+def get_job(job_id: JobId, session: SessionDep, _auth: AuthDep) -> JobPublic:
     return _public(session, registry.get_job(session, job_id))
 
 
@@ -108,10 +122,10 @@ def get_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
     "/{job_id}/cancel",
     status_code=202,
     response_model=JobPublic,
-    responses=_ERRORS,
+    responses=error_responses(401, 403, 404, 409, 422, 503),
     summary="Cancel a job (409 if it already finished)",
 )
-def cancel_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep, _auth: AuthDep) -> JobPublic:
     return _public(session, registry.request_cancel(session, job_id))
 
 
@@ -119,11 +133,11 @@ def cancel_job(job_id: str, session: SessionDep, _auth: AuthDep) -> JobPublic:
     "/{job_id}/resume",
     status_code=202,
     response_model=JobPublic,
-    responses=_ERRORS,
+    responses=error_responses(401, 403, 404, 409, 422, 503),
     summary="Resume a cancelled or failed job from its newest checkpoint (409 otherwise)",
 )
 def resume_job(
-    request: Request, job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep
+    request: Request, job_id: JobId, session: SessionDep, settings: SettingsDep, _auth: AuthDep
 ) -> JobPublic:
     registry.resume_job(session, job_id)
     enqueue(job_id, settings, request.app.state.session_factory)

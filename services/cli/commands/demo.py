@@ -143,13 +143,21 @@ def follow(client: Any, settings: Any, job_id: str, timeout: float) -> dict:
         time.sleep(1.0)
 
 
+def inference_headers(settings: Any) -> dict[str, str]:
+    """The model server's key, when one is configured (NCP_INFERENCE_API_KEY)."""
+    key = settings.inference_api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def wait_for_model(client: Any, settings: Any, model: str, timeout: float = 180.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            r = client.get(f"{settings.inference_url}/v1/models", timeout=5)
+            r = client.get(
+                f"{settings.inference_url}/v1/models", timeout=5, headers=inference_headers(settings)
+            )
             if r.status_code == 200 and any(m.get("id") == model for m in r.json().get("data", [])):
                 return
         except httpx.HTTPError:
@@ -165,6 +173,7 @@ def ask(client: Any, settings: Any, model: str, question: str) -> str:
     r = client.post(
         f"{settings.inference_url}/v1/chat/completions",
         timeout=120,
+        headers=inference_headers(settings),
         json={
             "model": model,
             "messages": [{"role": "user", "content": question}],

@@ -2,7 +2,8 @@
 
 Talks to Settings.api_url with the bearer token from NCP_API_TOKEN. `watch` (and `submit --wait`)
 follows the job's SSE event stream with progress bars (services/cli/watch_view.py); `logs -f`
-follows the stage logs by byte offset.
+follows the stage logs by byte offset. A job id may be given short (its first characters, as the
+progress line prints it) wherever it names exactly one job.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def _list(client: JobsClient, args: argparse.Namespace) -> int:
 
 
 def _status(client: JobsClient, args: argparse.Namespace) -> int:
-    job = client.get(args.job_id)
+    job = client.get(client.resolve(args.job_id))
     if args.json:
         _print_json(job)
         return 0
@@ -244,13 +245,14 @@ def _status(client: JobsClient, args: argparse.Namespace) -> int:
 
 
 def _watch(client: JobsClient, args: argparse.Namespace) -> int:
-    return _exit_code(follow(client, args.job_id))
+    return _exit_code(follow(client, client.resolve(args.job_id)))
 
 
 def _logs(client: JobsClient, args: argparse.Namespace) -> int:
+    job_id = client.resolve(args.job_id)
     if args.follow:
-        return follow_logs(client, args.job_id, file=args.file)
-    logs = client.logs(args.job_id, lines=args.lines, file=args.file)
+        return follow_logs(client, job_id, file=args.file)
+    logs = client.logs(job_id, lines=args.lines, file=args.file)
     if not logs:
         print("(no log files yet)")
     for name, text in logs.items():
@@ -291,13 +293,13 @@ def follow_logs(
 
 
 def _cancel(client: JobsClient, args: argparse.Namespace) -> int:
-    job = client.cancel(args.job_id)
+    job = client.cancel(client.resolve(args.job_id))
     print(f"job {job['id']}: {job['status']}")
     return 0
 
 
 def _resume(client: JobsClient, args: argparse.Namespace) -> int:
-    job = client.resume(args.job_id)
+    job = client.resume(client.resolve(args.job_id))
     print(f"job {job['id']}: {job['status']}")
     if args.wait:
         return _exit_code(follow(client, job["id"]))

@@ -46,8 +46,9 @@ def healthcheck(interval: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.worker.dispatch import enqueue_job, sessions_for, waiting_messages
     from services.worker.reconciler import ReconcileConfig, reconcile_once, run_forever
+    from shared.db.session import cached_session_factory
+    from shared.jobs.dispatch import enqueue_job, waiting_messages
     from shared.settings import get_settings
 
     settings = get_settings()
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ReconcileConfig.from_settings(settings)
     if args.interval is not None:
         cfg = ReconcileConfig(cfg.max_attempts, cfg.grace_seconds, args.interval)
-    sessions = sessions_for(settings)
+    sessions = cached_session_factory(settings)
 
     def enqueue(job_id: str) -> str | None:
         return enqueue_job(job_id, settings)

@@ -4,11 +4,16 @@ Surface: GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completi
 as SSE or not; temperature, top_p, top_k, max_tokens, stop, n, seed; usage counts). Errors use
 OpenAI's JSON shape {"error": {"message", "type", "param", "code"}}. Generation runs on the
 continuous batcher (batcher.py), so concurrent requests share decode steps.
+
+Access, as vLLM's `--api-key` and like the job API: with a key (NCP_INFERENCE_API_KEY) every /v1
+request must carry `Authorization: Bearer <key>`; without one, only loopback clients are served.
+/health is open either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -22,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.inference.native.batcher import Batcher, GenerationRequest, SamplingParams
+from shared.loopback import remote_connection
 
 
 class APIError(Exception):
@@ -116,7 +122,35 @@ class _Choice:
         return delta
 
 
-def create_app(model, tokenizer, served_name: str, *, max_batch: int = 16) -> FastAPI:
+def _access_denied(request: Request, api_key: str | None) -> JSONResponse | None:
+    if not request.url.path.startswith("/v1"):
+        return None
+    if api_key is None:
+        server, client = request.scope.get("server"), request.scope.get("client")
+        if remote_connection(server[0] if server else None, client[0] if client else None):
+            return JSONResponse(
+                error_body(
+                    "this model server has no API key (NCP_INFERENCE_API_KEY) and serves loopback clients only",
+                    "invalid_request_error",
+                    code="remote_access_disabled",
+                ),
+                status_code=403,
+            )
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        return None
+    return JSONResponse(
+        error_body("missing or invalid API key (Authorization: Bearer <key>)", "invalid_request_error",
+                   code="invalid_api_key"),
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )  # fmt: skip
+
+
+def create_app(
+    model, tokenizer, served_name: str, *, max_batch: int = 16, api_key: str | None = None
+) -> FastAPI:
     batcher = Batcher(model, tokenizer, max_batch=max_batch)
     max_len = model.config.sequence_len
     created = int(time.time())
@@ -129,6 +163,10 @@ def create_app(model, tokenizer, served_name: str, *, max_batch: int = 16) -> Fa
 
     app = FastAPI(title="nanochat native server", lifespan=lifespan)
     app.state.batcher = batcher
+
+    @app.middleware("http")
+    async def _access(request: Request, call_next):
+        return _access_denied(request, api_key) or await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -310,8 +348,8 @@ def create_app(model, tokenizer, served_name: str, *, max_batch: int = 16) -> Fa
 
 
 def create_app_from_export(export_dir: Path, served_name: str | None = None, *, device: str = "cpu",
-                           max_batch: int = 16) -> FastAPI:  # fmt: skip
+                           max_batch: int = 16, api_key: str | None = None) -> FastAPI:  # fmt: skip
     from shared.nanochat.export import load_exported
 
     model, tok = load_exported(export_dir, device=device)
-    return create_app(model, tok, served_name or Path(export_dir).name, max_batch=max_batch)
+    return create_app(model, tok, served_name or Path(export_dir).name, max_batch=max_batch, api_key=api_key)

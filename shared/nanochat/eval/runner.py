@@ -19,6 +19,7 @@ import torch
 
 from shared.nanochat.checkpoint import build_model
 from shared.nanochat.tokenizer import Tokenizer
+from shared.nanochat.train_config import EVAL_TOKENS
 
 BASE_PROMPTS = (
     "The capital of France is",
@@ -83,7 +84,7 @@ def run_base_eval(
     bundle_dir=None,
     max_per_task=None,
     device="auto",
-    bpb_tokens: int = 1 << 20,
+    bpb_tokens: int = EVAL_TOKENS,
     bpb_batch_size: int = 8,
     sample_tokens: int = 16,
 ) -> dict:

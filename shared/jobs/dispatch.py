@@ -1,4 +1,4 @@
-"""Putting "run stage S of job J" on the right queue.
+"""Putting "run stage S of job J" on the right queue (producer side; no worker code imported).
 
 `enqueue_job(job_id)` is what the API calls after creating (or resuming) a job and what the
 reconciler calls for a job that lost its message: it asks the registry which stage comes next and
@@ -8,49 +8,38 @@ registry when the task runs, so a stale or duplicated message can do no harm.
 
 from __future__ import annotations
 
-import functools
 import logging
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from services.worker.celery_app import app_for_broker, task_name
-from services.worker.pipeline import first_unfinished_stage
 from shared.db import registry
-from shared.db.session import make_engine, make_session_factory, session_scope
-from shared.jobs.queues import QUEUES, queue_for_stage
+from shared.db.session import cached_session_factory, session_scope
+from shared.jobs.broker import producer_for, task_name
+from shared.jobs.queues import QUEUES
+from shared.jobs.spec import JobSpec
+from shared.jobs.stages import first_unfinished, queue_for_stage
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=4)
-def _sessions_for(database_url: str) -> sessionmaker[Session]:
-    return make_session_factory(make_engine(database_url))
-
-
-def sessions_for(settings: Settings) -> sessionmaker[Session]:
-    """One engine per registry URL per process (engines pool connections; build them once)."""
-    assert settings.database_url is not None
-    return _sessions_for(settings.database_url)
 
 
 def enqueue_stage(job_id: str, stage: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     assert settings.broker_url is not None
     queue = queue_for_stage(stage)
-    app = app_for_broker(settings.broker_url)
-    app.send_task(task_name(stage), args=[job_id], queue=queue, routing_key=queue)
+    producer_for(settings.broker_url).send_task(
+        task_name(stage), args=[job_id], queue=queue, routing_key=queue
+    )
     log.info("enqueued %s of job %s on %s", stage, job_id, queue)
 
 
 def enqueue_job(job_id: str, settings: Settings | None = None) -> str | None:
     """Send the task for the job's next unfinished stage; returns that stage (None if finished)."""
     settings = settings or get_settings()
-    with session_scope(sessions_for(settings)) as s:
+    with session_scope(cached_session_factory(settings)) as s:
         job = registry.get_job(s, job_id)
         if job.is_terminal:
             return None
-        stage = first_unfinished_stage(s, job_id)
+        done = [st.name for st in job.stages if st.status in ("succeeded", "skipped")]
+        stage = first_unfinished(JobSpec.from_stored(job.spec).resolved_stages(), done)
         if stage is None:
             return None
         registry.add_event(

@@ -1,9 +1,12 @@
-"""Worker identity and the lease heartbeat that proves a worker is still working on a job.
+"""Worker identity and the heartbeat that proves a worker is still working on a job.
 
-A stage holds the job's registry lease for as long as it runs; a background thread renews it
-every third of its TTL. If a renewal finds the lease taken by someone else (this process stalled
-past the TTL and the reconciler handed the job to another worker), `lost` is set and the stage
-must stop without recording anything more.
+A stage holds the job's registry lease (shared/db/leases.py) for as long as it runs; a background
+thread renews it every third of its TTL. If a renewal finds the lease taken by someone else (this
+process stalled past the TTL and the reconciler handed the job to another worker), `lost` is set
+and the stage must stop without recording anything more. A renewal that cannot reach the registry
+is no such proof: the thread keeps trying, and the first renewal after the outage extends the lease
+again (it is still ours as long as nobody took it over; the reconciler waits a lease TTL after an
+outage before it treats an expired lease as a dead worker).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import uuid
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import registry
+from shared.db.outage import is_outage
 from shared.db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -56,8 +60,13 @@ class LeaseHeartbeat:
         try:
             with session_scope(self.sessions) as s:
                 ok = registry.renew_lease(s, self.job_id, self.worker_id, self.ttl)
-        except Exception:  # a registry hiccup: keep trying until the TTL says otherwise
-            log.exception("lease renewal for job %s failed", self.job_id)
+        except Exception as e:  # the registry is away: keep trying, the lease is not lost
+            if is_outage(e):
+                log.warning(
+                    "lease renewal for job %s: registry unreachable (%s)", self.job_id, type(e).__name__
+                )
+            else:
+                log.exception("lease renewal for job %s failed", self.job_id)
             return True
         if not ok:
             log.error("lease of job %s was taken over; this worker stops working on it", self.job_id)
