@@ -284,6 +284,21 @@ def load_checkpoint(
     return model_state, optim_state, meta
 
 
+def checkpoint_meta(ckpt_dir, step: int | None = None) -> dict:
+    """The meta of complete checkpoint `step` (None = newest) without loading any weights: what a
+    stage checks (model config vs tokenizer) before it starts real work."""
+    d = Path(ckpt_dir)
+    if step is None:
+        step = latest_step(d)
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {d}")
+    meta, problem = _check(d, step)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint step {step} in {d} is incomplete: {problem}")
+    assert meta is not None
+    return {**meta, "step": meta.get("step", step)}
+
+
 def model_config_from_meta(meta: dict, source: Path | str = "meta"):
     from shared.nanochat.config import GPTConfig
 

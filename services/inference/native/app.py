@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.inference.native.batcher import Batcher, GenerationRequest, SamplingParams
+from shared.nanochat.tokenizer import prompt_ids
 
 
 class APIError(Exception):
@@ -296,7 +297,7 @@ def create_app(model, tokenizer, served_name: str, *, max_batch: int = 16) -> Fa
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         if isinstance(req.prompt, str):
-            prompt = tokenizer.encode(req.prompt, prepend="<|bos|>")
+            prompt = prompt_ids(tokenizer, req.prompt)  # the BOS rule vLLM follows too
         else:
             bad = [t for t in req.prompt if not 0 <= t < tokenizer.vocab_size]
             if bad or not req.prompt:
