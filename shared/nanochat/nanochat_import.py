@@ -224,7 +224,7 @@ def import_nanochat(src, models_dir, name: str) -> dict:
     models_dir = Path(models_dir)
     dest = models_dir / name
     if dest.exists():
-        raise FileExistsError(f"model {name!r} already exists at {dest}; pick another --name")
+        raise NanochatImportError(f"name: model {name!r} already exists at {dest}; pick another name")
     found = scan_nanochat_dir(src)
     tok, tok_info = None, None
     if found.tokenizer_pkl is not None:
