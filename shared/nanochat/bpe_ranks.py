@@ -163,9 +163,20 @@ def reference_encode(mergeable_ranks: dict[bytes, int], pattern: str, text: str)
     return ids
 
 
+# Fixed probes: what differs between regex engines and merge orders (scripts, digits, runs).
+SAMPLE_TEXTS = (
+    "Hello world! This is a test.\nNumbers: 123, 4567, 89, 3.14159 and 1,000,000.\n",
+    "Contractions: I'm, you're, it's, WE'LL, they've. Special chars: @#$%^&*() <|bos|>",
+    "Unicode: 你好世界 🌍 e\u0301 \u200b Ünïcödé ǅ Ⅻ ٣٤ \U0001f469\u200d\U0001f52c Ωμέγα Привет मनुष्य",
+    "whitespace:  a   b    c\t\t\td\n\n\n\r\n  \u00a0\u3000  \n    indented\n        more   ",
+    "digits 0 00 000 0000 12345678901234567890 -7 +8 ½ ²",
+)
+
+
 def probe_texts(mergeable_ranks: dict[bytes, int]) -> Iterable[str]:
-    """Text a conversion is checked on: every token that is valid UTF-8 on its own, doubled and
-    glued to its neighbours in rank order (pieces that need merging, not just whole-token hits)."""
+    """Text a conversion is checked on: fixed samples, then every token that is valid UTF-8 on its
+    own, doubled and glued to its neighbours in rank order (pieces that need merging)."""
+    yield from SAMPLE_TEXTS
     valid = []
     for token in sorted(mergeable_ranks, key=mergeable_ranks.__getitem__):
         try:

@@ -4,10 +4,13 @@ without running anything the pickle asks for.
 A pickle is a program: unpickling calls whatever global it names. tiktoken pickles an Encoding as
 `tiktoken.core.Encoding.__new__()` followed by `__setstate__({"name", "pat_str",
 "mergeable_ranks", "special_tokens"})` (protocol 2+: the NEWOBJ and BUILD opcodes), so the only
-global a genuine one names is `tiktoken.core.Encoding`. The unpickler here resolves that name to
-an inert stand-in that records the state, and refuses every other global before it is looked up,
-so a hostile pickle (say `os.system`) fails with a clear error and nothing of it runs. The state
-is then checked field by field: bytes -> int ranks, str -> int specials, a str pattern.
+global a genuine one names is `tiktoken.core.Encoding`, plus `_codecs.encode` under protocol 2,
+which spells every bytes object as `_codecs.encode(str, "latin1")`. The unpickler here resolves
+the class to an inert stand-in that records the state and `_codecs.encode` to a function that only
+turns a str into latin-1 bytes; every other global is refused before it is looked up, so a hostile
+pickle (say `os.system`) fails with a clear error and nothing of it runs. The state is then
+checked field by field: bytes -> int ranks, str -> int specials, a str pattern. Protocols 0 and 1
+need `copyreg._reconstructor` as well and are refused (tiktoken's pickles use the default, 4+).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 # The one global a tiktoken Encoding pickle names (tiktoken pickles by class, protocol >= 2).
 ENCODING_GLOBAL = ("tiktoken.core", "Encoding")
+LATIN1_GLOBAL = ("_codecs", "encode")  # protocol 2 spells bytes as _codecs.encode(str, "latin1")
 MAX_PICKLE_BYTES = 256 * 1024 * 1024  # a 200K-token vocabulary is a few MB; refuse anything absurd
 
 
@@ -51,6 +55,12 @@ class _EncodingState:
         self.state = state
 
 
+def _latin1(text, encoding="latin1"):
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only admitted for (str, 'latin1'): protocol-2 bytes")
+    return text.encode("latin-1")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str):
         super().__init__(file)
@@ -59,6 +69,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) == ENCODING_GLOBAL:
             return _EncodingState
+        if (module, name) == LATIN1_GLOBAL:
+            return _latin1
         raise PickleRefused(
             f"{self.source}: refused to load: the pickle asks for {module}.{name}, and only "
             f"{'.'.join(ENCODING_GLOBAL)} (a tiktoken tokenizer) is allowed; nothing was executed"
