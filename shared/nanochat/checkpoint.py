@@ -436,6 +436,10 @@ def import_reference(src_dir, dst_dir, step: int | None = None) -> list[int]:
         model_path = src / MODEL_FILE.format(step=s)
         state = normalize_model_state(_torch_load(model_path, "cpu"), model_path)
         config = model_config_from_meta(meta, src / META_FILE.format(step=s))
+        # Older upstream checkpoints predate the per-layer lambdas; upstream's loader fills them
+        # with their identity values (checkpoint_manager._patch_missing_keys), and so do we.
+        state.setdefault("resid_lambdas", torch.ones(config.n_layer))
+        state.setdefault("x0_lambdas", torch.zeros(config.n_layer))
         check_state_matches(state, config, model_path)
         optim_files = sorted(src.glob(f"optim_{s:06d}_rank*.pt"))
         for f in optim_files:

@@ -241,6 +241,17 @@ def test_import_reference_checkpoint(tmp_path):
         torch.testing.assert_close(rebuilt(idx), model(idx))
 
 
+def test_import_fills_lambdas_older_upstream_checkpoints_lack(tmp_path):
+    from tests.upstream import TINY, tiny_state, write_upstream_checkpoint
+
+    state = tiny_state()
+    del state["resid_lambdas"], state["x0_lambdas"]
+    write_upstream_checkpoint(tmp_path / "old", 7, state, TINY)
+    assert import_reference(tmp_path / "old", tmp_path / "new") == [7]
+    got, _, _ = load_checkpoint(tmp_path / "new", 7)
+    assert torch.equal(got["resid_lambdas"], torch.ones(2)) and torch.equal(got["x0_lambdas"], torch.zeros(2))
+
+
 def test_import_rejects_mismatched_state(tmp_path):
     model = tiny_model()
     src = tmp_path / "ref"
