@@ -1,18 +1,22 @@
 """Training-step throughput (tokens/s) and MFU on this machine's device, per attention backend.
 
-    python bench/train_step.py --depth 24 --device-batch-size 32 --seq-len 2048      # one GPU
+    python bench/train_step.py --depth 24 --device-batch-size 32 --seq-len 2048 --fp8  # one GPU
     python bench/train_step.py --depth 2 --device-batch-size 4 --seq-len 256 --vocab 4096  # CPU smoke
 
 One step = forward + backward of `--grad-accum` micro-batches of random tokens + the MuonAdamW
 step, exactly as the trainer does it (compiled on GPU unless --no-compile). The chosen backend
 ("auto": FA3 / flash / FlexAttention / SDPA per device) is measured against the math-SDPA
-baseline (attn_backend="math") in the same run, and the ratio is printed. For comparison, the seed
+baseline (attn_backend="math") in the same run, and the ratio is printed; `--fp8` adds the chosen
+backend with FP8 matmuls (fp8.py). `--fit-batch` halves a run's device batch until it fits in
+memory (the fp32 math baseline needs far more than the fused kernels); tokens/s and MFU compare
+across batch sizes. `--json PATH` writes the rows for bench/gpu_check.py. For comparison, the seed
 document's d24 run on one MI300X (reference code, SDPA) reached 27.5% MFU / 68K tok/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -26,20 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shared.nanochat import sizing  # noqa: E402
 from shared.nanochat.config import GPTConfig  # noqa: E402
 from shared.nanochat.device import apply_env_defaults, choose_dtype, detect_device  # noqa: E402
+from shared.nanochat.fp8 import enable_fp8  # noqa: E402
 from shared.nanochat.gpt import GPT  # noqa: E402
+from shared.nanochat.kernel_report import kernel_report  # noqa: E402
 from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups  # noqa: E402
 
 SEED_REFERENCE: dict[str, Any] = {"device": "mi300x", "depth": 24, "mfu": 0.275, "tokens_per_sec": 68_000}
 
 
-def measure(cfg: GPTConfig, backend: str, args, dev, dtype) -> dict:
+def measure(cfg: GPTConfig, backend: str, args, dev, dtype, *, fp8: bool = False, batch: int) -> dict:
     device = torch.device(dev.type)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = GPT(cfg, attn_backend=backend, compute_dtype=dtype)
     model.to_empty(device=device)
     model.init_weights()
+    if fp8:
+        enable_fp8(model, device)
     use_compile = (dev.type == "cuda") if args.compile is None else args.compile
+    kernels = kernel_report(model, dev, device, dtype, compiled=use_compile)
     step_model = torch.compile(model, dynamic=False) if use_compile else model
     opt = MuonAdamW(
         build_param_groups(model, OptimizerConfig()),
@@ -47,10 +56,7 @@ def measure(cfg: GPTConfig, backend: str, args, dev, dtype) -> dict:
         compile_kernels=use_compile,
     )
     gen = torch.Generator(device="cpu").manual_seed(0)
-    rows = [
-        torch.randint(0, cfg.vocab_size, (args.device_batch_size, cfg.sequence_len + 1), generator=gen)
-        for _ in range(4)
-    ]
+    rows = [torch.randint(0, cfg.vocab_size, (batch, cfg.sequence_len + 1), generator=gen) for _ in range(4)]
     batches = [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device)) for b in rows]
 
     def sync():
@@ -71,30 +77,39 @@ def measure(cfg: GPTConfig, backend: str, args, dev, dtype) -> dict:
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    tokens = args.device_batch_size * cfg.sequence_len * args.grad_accum
+    tokens = batch * cfg.sequence_len * args.grad_accum
     dt = statistics.median(times)
     tok_s = tokens / dt
     mfu = sizing.mfu(sizing.flops_per_token(cfg), tok_s, dev.peak_flops)
     mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    del model, step_model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {
-        "backend": backend,
-        "resolved": model_backends(cfg, backend, device, dtype),
+        "backend": backend + (" fp8" if fp8 else ""),
+        "resolved": "+".join(f"{kind}:{name}" for kind, name in sorted(kernels["attention"].items())),
+        "batch": batch,
         "step_s": dt,
         "tok_s": tok_s,
         "tflops": sizing.flops_per_token(cfg) * tok_s / 1e12,
         "mfu": mfu,
         "peak_mem": mem,
+        "compiled": use_compile,
+        "fp8_formats": kernels["fp8_formats"],
+        "slow_fallbacks": kernels["slow_fallbacks"],
     }
 
 
-def model_backends(cfg: GPTConfig, backend: str, device, dtype) -> str:
-    from shared.nanochat.attention import select_backend
-
-    names = {select_backend(device, w, cfg.sequence_len, backend, dtype) for w in cfg.window_sizes()}
-    return "+".join(sorted(names))
+def measure_fitting(cfg: GPTConfig, backend: str, args, dev, dtype, *, fp8: bool = False, batch: int) -> dict:
+    """measure() at `batch`, halving it on out-of-memory with --fit-batch."""
+    while True:
+        try:
+            return measure(cfg, backend, args, dev, dtype, fp8=fp8, batch=batch)
+        except torch.OutOfMemoryError:
+            if not args.fit_batch or batch == 1:
+                raise
+            batch //= 2
+        finally:
+            torch._dynamo.reset()  # each model compiles afresh; no stale graphs hold memory
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", dest="compile", action="store_true", default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--fp8", action="store_true", help="also measure the backend under test with FP8 matmuls")
+    p.add_argument("--fit-batch", action="store_true", help="halve a run's batch until it fits in memory")
+    p.add_argument("--json", metavar="PATH", help="write the measured rows as JSON")
+    p.add_argument("--baseline-batch", type=int, default=0, help="the baseline's device batch (0 = the same)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,25 +158,34 @@ def main(argv: list[str] | None = None) -> int:
         f"step: {args.device_batch_size} x {args.seq_len} x {args.grad_accum} accum = "
         f"{args.device_batch_size * args.seq_len * args.grad_accum:,} tokens; median of {args.steps} after {args.warmup} warmup"
     )
-    runs = []
-    backends = [args.backend] + (
-        [args.baseline] if args.baseline != "none" and args.baseline != args.backend else []
-    )
-    for b in backends:
-        runs.append(measure(cfg, b, args, dev, dtype))
-    base = runs[-1] if len(runs) > 1 else runs[0]
+    plan = [(args.backend, False, args.device_batch_size)]
+    if args.fp8:
+        plan.append((args.backend, True, args.device_batch_size))
+    if args.baseline != "none" and args.baseline != args.backend:
+        plan.append((args.baseline, False, args.baseline_batch or args.device_batch_size))
+    runs: list[dict] = []
+    for backend, fp8, batch in plan:
+        runs.append(measure_fitting(cfg, backend, args, dev, dtype, fp8=fp8, batch=batch))
+        if args.json:  # after every run: a caller that times out still gets the finished ones
+            payload = {"device": dev.name, "dtype": str(dtype), "runs": runs}
+            Path(args.json).write_text(json.dumps(payload, indent=1))
+    base = runs[-1]
     print()
     print(
-        f"| {'backend':<8} | {'kernels':<12} | {'step ms':>9} | {'tok/s':>11} | {'TFLOP/s':>8} | {'MFU':>6} | {'peak mem':>9} | {'vs ' + base['backend']:>8} |"
+        f"| {'backend':<9} | {'kernels':<24} | {'batch':>5} | {'step ms':>9} | {'tok/s':>11} | {'TFLOP/s':>8} | {'MFU':>6} | {'peak mem':>9} | {'tok/s vs ' + base['backend']:>14} |"
     )
-    print(f"|{'-' * 10}|{'-' * 14}|{'-' * 11}|{'-' * 13}|{'-' * 10}|{'-' * 8}|{'-' * 11}|{'-' * 10}|")
+    print(
+        f"|{'-' * 11}|{'-' * 26}|{'-' * 7}|{'-' * 11}|{'-' * 13}|{'-' * 10}|{'-' * 8}|{'-' * 11}|{'-' * 16}|"
+    )
     for r in runs:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem'] / 2**30:.1f}G" if r["peak_mem"] is not None else "n/a"
         print(
-            f"| {r['backend']:<8} | {r['resolved']:<12} | {1000 * r['step_s']:>9.1f} | {r['tok_s']:>11,.0f} | {r['tflops']:>8.4f} | "
-            f"{mfu:>6} | {mem:>9} | {base['step_s'] / r['step_s']:>7.2f}x |"
+            f"| {r['backend']:<9} | {r['resolved']:<24} | {r['batch']:>5} | {1000 * r['step_s']:>9.1f} | {r['tok_s']:>11,.0f} | "
+            f"{r['tflops']:>8.4f} | {mfu:>6} | {mem:>9} | {r['tok_s'] / base['tok_s']:>13.2f}x |"
         )
+        for cause in r["slow_fallbacks"]:
+            print(f"  slow fallback ({r['backend']}): {cause}")
     ref = SEED_REFERENCE
     print(
         f"\nseed reference: d{ref['depth']} on one {ref['device']} (reference code, SDPA): "

@@ -1,6 +1,6 @@
 # API image: FastAPI job API, migrations (`ncp db upgrade`) and the reconciler. No torch.
 # Build from the repository root: docker build -f docker/api.Dockerfile -t nanochat/api .
-ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 # Requirements from pyproject.toml alone: this layer's cache survives source edits.
 FROM ${PYTHON_IMAGE} AS reqs

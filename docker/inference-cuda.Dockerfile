@@ -2,7 +2,7 @@
 # nanochat vLLM plugin's entry point (vllm.general_plugins) registers. vLLM's torch is kept.
 # Build from the repository root: docker build -f docker/inference-cuda.Dockerfile -t nanochat/inference-cuda .
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
-ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 # Only what the supervisor, the plugin and the native fallback server need beyond vLLM's own.
 FROM ${PYTHON_IMAGE} AS reqs

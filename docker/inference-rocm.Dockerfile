@@ -2,7 +2,7 @@
 # nanochat vLLM plugin's entry point (vllm.general_plugins) registers. vLLM's torch is kept.
 # Build from the repository root: docker build -f docker/inference-rocm.Dockerfile -t nanochat/inference-rocm .
 ARG VLLM_IMAGE=vllm/vllm-openai-rocm:v0.32.0
-ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 # Only what the supervisor, the plugin and the native fallback server need beyond vLLM's own.
 FROM ${PYTHON_IMAGE} AS reqs
@@ -34,8 +34,7 @@ COPY --from=wheel /wheels /tmp/wheels
 RUN python3 -m pip install --no-deps /tmp/wheels/*.whl \
     && python3 -c "from importlib.metadata import entry_points as e; import sys; sys.exit(0 if any(p.name == 'nanochat' for p in e(group='vllm.general_plugins')) else 'nanochat vLLM plugin not registered')" \
     && rm -rf /tmp/wheels /tmp/requirements.txt /tmp/constraints.txt \
-    && groupadd -f render \
-    && useradd --create-home --uid 10001 --groups video,render ncp \
+    && useradd --create-home --uid 10001 ncp \
     && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
 USER 10001
 WORKDIR /home/ncp

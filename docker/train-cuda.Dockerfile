@@ -1,7 +1,7 @@
 # Training worker for NVIDIA GPUs: the official PyTorch CUDA runtime image, its own torch kept.
 # Build from the repository root: docker build -f docker/train-cuda.Dockerfile -t nanochat/train-cuda .
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
-ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 FROM ${PYTHON_IMAGE} AS reqs
 WORKDIR /src
@@ -30,8 +30,23 @@ RUN python -m pip install --no-deps /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels /tmp/requirements.txt /tmp/constraints.txt \
     && useradd --create-home --uid 10001 ncp \
     && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
+# Attention kernel (docs/deploy.md "Attention kernels"): FlashAttention-3 for Hopper, sliding
+# windows forward and backward, as the Hub kernel kernels-community/flash-attn3 built for this
+# torch. Fetched here, at image build time, into /opt/nanochat/kernels; at run time
+# shared/nanochat/attention.py loads it from disk (HF_HUB_OFFLINE: nothing is downloaded then) and
+# probes it against the math reference before use. No build for this torch fails the image build.
+ARG KERNELS_VERSION=0.17.2
+ARG FA3_KERNEL=kernels-community/flash-attn3
+ARG FA3_KERNEL_VERSION=1
+COPY docker/fetch_hub_kernel.py /tmp/fetch_hub_kernel.py
+RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
+    && python -m pip install -c /tmp/constraints.txt "kernels==${KERNELS_VERSION}" \
+    && HF_HOME=/tmp/hf python /tmp/fetch_hub_kernel.py "${FA3_KERNEL}" --version "${FA3_KERNEL_VERSION}" \
+        --dest /opt/nanochat/kernels/flash-attn3 \
+    && rm -rf /tmp/hf /tmp/fetch_hub_kernel.py /tmp/constraints.txt
+ENV HF_HUB_OFFLINE=1
 USER 10001
 WORKDIR /home/ncp
-HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 | grep -q \"@$(hostname): OK\""]
+HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
+    CMD ["ncp", "worker", "--healthcheck"]
 CMD ["ncp", "worker", "--queues", "train"]

@@ -1,7 +1,7 @@
 # Training worker for AMD Instinct MI300X (gfx942): AMD's PyTorch ROCm image, its own torch kept.
 # Build from the repository root: docker build -f docker/train-rocm.Dockerfile -t nanochat/train-rocm .
 ARG BASE_IMAGE=rocm/pytorch:rocm7.2.4_ubuntu24.04_py3.12_pytorch_release_2.10.0
-ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 FROM ${PYTHON_IMAGE} AS reqs
 WORKDIR /src
@@ -30,11 +30,26 @@ COPY --from=wheel /wheels /tmp/wheels
 RUN python3 -m pip install --no-deps /tmp/wheels/*.whl \
     && python3 -c "import torch, sys; sys.exit(0 if torch.version.hip else 'torch lost its ROCm build')" \
     && rm -rf /tmp/wheels /tmp/requirements.txt /tmp/constraints.txt \
-    && groupadd -f render \
-    && useradd --create-home --uid 10001 --groups video,render ncp \
+    && useradd --create-home --uid 10001 ncp \
     && mkdir -p /data/ncp && chown ncp:ncp /data/ncp
+# Attention kernel (docs/deploy.md "Attention kernels"): AMD aiter's FlashAttention (Triton) with
+# sliding windows forward and backward, as the Hub kernel kernels-community/aiter-flash-attn.
+# Fetched here, at image build time, into /opt/nanochat/kernels; at run time
+# shared/nanochat/attention.py loads it from disk (HF_HUB_OFFLINE: nothing is downloaded then) and
+# probes it against the math reference before use; compiled FlexAttention is the next choice.
+# Pin ROCM_ATTN_KERNEL_REVISION to a commit for reproducible images.
+ARG KERNELS_VERSION=0.17.2
+ARG ROCM_ATTN_KERNEL=kernels-community/aiter-flash-attn
+ARG ROCM_ATTN_KERNEL_REVISION=main
+COPY docker/fetch_hub_kernel.py /tmp/fetch_hub_kernel.py
+RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
+    && python3 -m pip install -c /tmp/constraints.txt "kernels==${KERNELS_VERSION}" \
+    && HF_HOME=/tmp/hf python3 /tmp/fetch_hub_kernel.py "${ROCM_ATTN_KERNEL}" \
+        --revision "${ROCM_ATTN_KERNEL_REVISION}" --dest /opt/nanochat/kernels/aiter-flash-attn \
+    && rm -rf /tmp/hf /tmp/fetch_hub_kernel.py /tmp/constraints.txt
+ENV HF_HUB_OFFLINE=1
 USER 10001
 WORKDIR /home/ncp
-HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A services.worker.celery_app:app inspect ping --timeout 10 | grep -q \"@$(hostname): OK\""]
+HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
+    CMD ["ncp", "worker", "--healthcheck"]
 CMD ["ncp", "worker", "--queues", "train"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL (127.0.0.1:5432, trust auth for local tests) and Redis (127.0.0.1:6379)
-# are installed and running. The tests talk to both for real. Needs root (apt) when absent.
+# are installed and running; the tests talk to both for real. Also Chromium, which the web
+# console's browser tests drive. Needs root (apt) when absent.
 set -euo pipefail
 
 SUDO=""
@@ -10,6 +11,9 @@ need_apt=()
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+# The web console's browser tests drive Debian's Chromium with Playwright (never `playwright install`).
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "services: installing ${need_apt[*]}" >&2
   $SUDO apt-get update -qq

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,8 +39,18 @@ class Settings(BaseSettings):
 
     # --- registry and broker -----------------------------------------------------------------
     database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default: SQLite file under NCP_HOME"
+        default=None,
+        description="SQLAlchemy URL; default: built from NCP_DB_* when NCP_DB_HOST is set, else SQLite under NCP_HOME",
     )
+    # PostgreSQL as separate fields (compose and the Helm chart set these): the URL is built here,
+    # once, with every part percent-quoted, so a password may hold any character (`@ / : + %`).
+    db_host: str | None = Field(
+        default=None, description="PostgreSQL host; set = build database_url from NCP_DB_*"
+    )
+    db_port: int = 5432
+    db_user: str = "ncp"
+    db_password: str | None = Field(default=None, description="PostgreSQL password (with NCP_DB_HOST)")
+    db_name: str = "ncp"
     broker_url: str | None = Field(
         default=None, description="Celery broker; default: SQLite-backed kombu transport under NCP_HOME"
     )
@@ -108,7 +119,16 @@ class Settings(BaseSettings):
             raise ValueError("NCP_API_TOKEN is a placeholder or empty; set a real secret or unset it")
         return v
 
-    @field_validator("api_port", "inference_port")
+    @field_validator("db_password")
+    @classmethod
+    def _no_placeholder_db_password(cls, v: str | None) -> str | None:
+        if v is not None and (v == "" or v in PLACEHOLDER_SECRETS):
+            raise ValueError(
+                "NCP_DB_PASSWORD is a placeholder or empty; set POSTGRES_PASSWORD to a real secret"
+            )
+        return v
+
+    @field_validator("api_port", "inference_port", "db_port")
     @classmethod
     def _port(cls, v: int) -> int:
         if not 0 < v < 65536:
@@ -126,6 +146,10 @@ class Settings(BaseSettings):
     def _fill_defaults(self) -> Settings:
         # Derived defaults live here, once, so every service computes them the same way.
         object.__setattr__(self, "home", Path(self.home).expanduser().resolve())
+        if self.database_url is not None and self.db_host is not None:
+            raise ValueError("set NCP_DATABASE_URL or NCP_DB_HOST (with NCP_DB_*), not both")
+        if self.db_host is not None:
+            object.__setattr__(self, "database_url", postgres_url(self))
         if self.database_url is None:
             object.__setattr__(self, "database_url", f"sqlite:///{self.home / 'registry.db'}")
         if self.broker_url is None:
@@ -156,6 +180,18 @@ class Settings(BaseSettings):
     @property
     def queues(self) -> list[str]:
         return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
+
+
+def postgres_url(s: Settings) -> str:
+    """The registry URL from the NCP_DB_* fields. Percent-quoting (not `+` for a space: SQLAlchemy
+    unquotes with `unquote`) keeps `@ / : + % #` and spaces inside their part of the URL."""
+    if not s.db_host:
+        raise ValueError("NCP_DB_HOST is empty")
+    if s.db_password is None:
+        raise ValueError("NCP_DB_PASSWORD is not set (NCP_DB_HOST is)")
+    host = f"[{s.db_host}]" if ":" in s.db_host else s.db_host  # an IPv6 literal
+    user, password, name = (quote(x, safe="") for x in (s.db_user, s.db_password, s.db_name))
+    return f"postgresql+psycopg://{user}:{password}@{host}:{s.db_port}/{name}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 
-from services.api import errors, observability
-from services.api.routers import health, job_data, jobs, models
+from services.api import console, errors, observability
+from services.api.routers import health, job_data, jobs, log_follow, models, plan
 from shared.db.session import make_engine, make_session_factory
 from shared.jobs.spec import JobSpec
 from shared.settings import Settings, get_settings
@@ -105,8 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     errors.install(app)
     observability.install(app, sessions)
-    for r in (jobs.router, job_data.router, models.router, health.router):
+    for r in (jobs.router, job_data.router, log_follow.router, models.router, plan.router, health.router):
         app.include_router(r)
+    console.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     remote_ok = settings.api_token is not None or settings.api_allow_remote_without_token

@@ -137,6 +137,15 @@ class JobsClient:
             params["file"] = file
         return self._request("GET", f"/jobs/{job_id}/logs", params=params).json()["logs"]
 
+    def log_chunk(self, job_id: str, file: str, offset: int | None = None) -> dict[str, Any]:
+        """What `file` gained after byte `offset` (None: its last ~64 KiB), whole lines only."""
+        params = {"offset": offset} if offset is not None else None
+        return self._request("GET", f"/jobs/{job_id}/logs/{file}", params=params).json()
+
+    def kernels(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """Training stage -> the kernel report its trainer wrote (what runs on the device)."""
+        return self._request("GET", f"/jobs/{job_id}/kernels").json()["stages"]
+
     def metrics(self, job_id: str, names: list[str] | None = None) -> dict[str, Any]:
         return self._request(
             "GET", f"/jobs/{job_id}/metrics", params={"name": names} if names else None

@@ -6,7 +6,7 @@ Request bodies are the job spec itself (shared/jobs/spec.py: JobCreate = JobSpec
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -181,12 +181,30 @@ class MetricPoint(BaseModel):
     step: int
     value: float
     stage: str
-    ts: dt.datetime
+    ts: dt.datetime | None = Field(
+        default=None, description="When it was recorded; null in downsampled answers"
+    )
 
 
 class MetricsPublic(BaseModel):
     job_id: str
+    mode: Literal["paged", "downsampled"] = Field(
+        description="paged: raw rows in (name, step) order, continue with next_cursor; downsampled: "
+        "every series whole, at most `points` rows per stage and series (first, last, and the "
+        "minimum and maximum of each bucket of steps)"
+    )
     series: dict[str, list[MetricPoint]]
+    rows: dict[str, int] = Field(description="Rows stored per series (all stages) that the filter matches")
+    points: int | None = Field(
+        default=None, description="downsampled: the requested points per stage and series"
+    )
+    next_cursor: str | None = Field(
+        default=None, description="paged: pass as ?cursor= for the next page; null when this page is the last"
+    )
+    last_id: int | None = Field(
+        default=None,
+        description="downsampled: newest row read; a live stream (?after_id=) continues after it",
+    )
 
 
 class CheckpointsPublic(BaseModel):

@@ -8,9 +8,10 @@ current.json changes (the pipeline published a new model) and when it crashes. R
 exponentially (2 s doubling, capped); an engine that exits before its /health ever answered
 `max_start_failures` times in a row puts the supervisor in state "failed" with the reason in
 `serving/served.json` (served_state.py), which `/models/served` reads.
-The supervisor has no HTTP endpoint of its own: /health and /v1/* are answered by the child, so
-a client never gets an answer the engine did not give. With --model it serves that folder and
-ignores current.json.
+/health and /v1/* are answered by the child. While no child runs (no model published yet, or an
+engine restarting), services/inference/waiting.py answers instead: /health says "no model yet"
+(healthy) or 503 (with the failure, once there is one), everything else 503. With --model it
+serves that folder and ignores current.json.
 
 vLLM on a CPU-only host reserves `--gpu-memory-utilization` x all RAM and refuses to start when
 less is free, so its GPU default (0.9) fails on any machine doing something else. Unless a share
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from services.inference.publish import CURRENT_FILE, read_current
 from services.inference.served_state import write_state
+from services.inference.waiting import WaitingServer
 from shared.nanochat.export import check_export
 
 log = logging.getLogger("ncp.serve")
@@ -188,6 +190,18 @@ class Supervisor:
         self._next_start = 0.0
         self._backoff = cfg.first_backoff_seconds
         self._state = ""
+        self.waiting = WaitingServer(cfg.host, cfg.port, self.waiting_status)
+
+    def waiting_status(self) -> tuple[int, str]:
+        wanted = self.wanted()
+        if wanted is None:
+            return 200, f"no model yet: nothing is published in {self.serving_dir}"
+        if self.error is not None:
+            return 503, self.error
+        return (
+            503,
+            f"the {self.engine} engine for {wanted['model']} is not running yet (starting, restarting)",
+        )
 
     # ---- state file ----------------------------------------------------------------------
     def _publish_state(self, state: str) -> None:
@@ -246,6 +260,7 @@ class Supervisor:
         cmd = child_command(self.cfg, self.engine, record["model"], record["path"], self.device)
         log.info("starting %s engine for %s: %s", self.engine, record["model"], shlex.join(cmd))
         self.tail.clear()
+        self.waiting.stop()  # the engine takes the port over
         # Own process group: stopping the child also stops vLLM's engine-core/worker processes.
         self.child = subprocess.Popen(
             cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -331,6 +346,8 @@ class Supervisor:
                 self.start_failures += 1
                 self._schedule_retry()
                 self._publish_state("failed")
+        if self.child is None:
+            self.waiting.start()
 
     def run(self) -> None:
         stopping = False
@@ -350,6 +367,7 @@ class Supervisor:
                 time.sleep(self.cfg.poll_seconds)
         finally:
             self.stop()
+            self.waiting.stop()
             self._publish_state("stopped")
 
 

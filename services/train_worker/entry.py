@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from services.train_worker.steplog import StepLogger, printer
+
 
 class ProgressWriter:
     """Appends JSON lines; a no-op on ranks other than 0."""
@@ -114,10 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     from shared.nanochat.train import TrainHooks
 
     stop_file = args.stop
+    # Readable step lines on stdout, which the launcher sends to the stage log (rank 0 only: the
+    # trainer calls these hooks on rank 0).
+    steps = StepLogger(printer(sys.stdout))
+
+    def on_progress(d: dict) -> None:
+        out.write("progress", _finite(d))
+        steps.progress(d)
+
+    def on_eval(d: dict) -> None:
+        out.write("eval", _finite(d))
+        steps.eval(d)
+
+    def on_checkpoint(d: dict) -> None:
+        out.write("checkpoint", _finite(d))
+        steps.checkpoint(d)
+
     hooks = TrainHooks(
-        on_progress=lambda d: out.write("progress", _finite(d)),
-        on_eval=lambda d: out.write("eval", _finite(d)),
-        on_checkpoint=lambda d: out.write("checkpoint", _finite(d)),
+        on_progress=on_progress,
+        on_eval=on_eval,
+        on_checkpoint=on_checkpoint,
         should_stop=lambda: term["requested"] or stop_file.exists(),
     )
     clean_exit = False

@@ -2,8 +2,8 @@
 
 A train worker cannot span nodes by itself, so for `hardware.nodes > 1` it asks the cluster for
 `nodes` pods (one per node, `nproc_per_node` GPUs each). Every pod runs the same torchrun command;
-`--node-rank` comes from the Job's completion index and the c10d rendezvous meets at pod 0, which
-the headless Service names `<job>-0.<service>`. All pods mount the checkpoint volume at NCP_HOME,
+`--node-rank` comes from the Job's completion index and the static rendezvous meets at pod 0 (node
+rank 0 hosts it), which the headless Service names `<job>-0.<service>`. All pods mount the checkpoint volume at NCP_HOME,
 so the config, progress file, stop file and checkpoints are the same paths the worker already
 uses for a single-node child: the worker keeps tailing `progress.jsonl` and writing `STOP`.
 
@@ -37,6 +37,8 @@ _LABEL_ID = re.compile(r"[^a-z0-9-]+")
 # sets them on the worker from values gpu.env); docs/deploy.md explains each.
 GPU_ENV_KEYS = ("HIP_FORCE_DEV_KERNARG", "HSA_OVERRIDE_GFX_VERSION", "PYTORCH_ALLOC_CONF")
 POD_FS_GROUP = 10001  # the images' non-root user; makes the checkpoint volume writable
+# How long the rank pods wait for each other (and for pod 0's DNS name) before the run fails.
+RDZV_TIMEOUT_SECONDS = 900
 
 
 @dataclass(frozen=True)
@@ -144,14 +146,20 @@ def multinode_config(
 
 def torchrun_command(cfg: MultinodeConfig) -> list[str]:
     # "$(JOB_COMPLETION_INDEX)" is expanded by the kubelet from the container env declared below.
+    # The static rendezvous: the pod of index 0 hosts the store because its node rank is 0. (c10d
+    # decides that once, at start, by whether the endpoint's name resolves to the pod itself; pod
+    # 0's DNS record can lag its start, and it then waited as a client of a store nobody hosted.)
+    # Every agent, pod 0 included, retries connecting until the name resolves, for up to
+    # RDZV_TIMEOUT_SECONDS.
     return [
         "torchrun",
         f"--nnodes={cfg.nodes}",
         f"--nproc-per-node={cfg.nproc_per_node}",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
-        "--rdzv-backend=c10d",
+        "--rdzv-backend=static",
         f"--rdzv-endpoint={cfg.rdzv_endpoint}",
         f"--rdzv-id={cfg.job_id}",
+        f"--rdzv-conf=timeout={RDZV_TIMEOUT_SECONDS}",
         "-m", ENTRY_MODULE, cfg.mode,
         "--config", cfg.config_path,
         "--progress", cfg.progress_path,

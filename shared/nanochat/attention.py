@@ -5,8 +5,11 @@ fewer heads (GQA). Window convention (FlashAttention's `window_size=(w, 0)`): a 
 position i sees keys j with `i - w <= j <= i`. A window >= the key length is full causal.
 
 Backends, all exact (same math, different kernels):
-- "fa3":   FlashAttention-3 (`flash_attn_interface`), Hopper; native windows and KV cache.
-- "flash": `flash_attn` (CUDA FA2, or ROCm's CK / Triton builds); native windows and KV cache.
+- "fa3":   FlashAttention-3, Hopper (or a ROCm build of its interface): the `flash_attn_interface`
+           wheel or the Hub kernel `kernels-community/flash-attn3` the CUDA image fetches at
+           build time; native windows and KV cache.
+- "flash": `flash_attn` (CUDA FA2, or ROCm's CK / Triton builds), or AMD aiter's FlashAttention as
+           the Hub kernel `kernels-community/aiter-flash-attn` (the ROCm image); native windows.
 - "sdpa":  PyTorch SDPA. Full-causal layers use `is_causal` (flash / AOTriton kernels on GPU);
            windowed layers fall back to an explicit boolean mask (slow on GPU: memory-bound).
 - "flex":  SDPA for full-causal layers, FlexAttention with a cached sliding-window BlockMask for
@@ -18,9 +21,13 @@ Backends, all exact (same math, different kernels):
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import math
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,26 +41,65 @@ except ImportError:  # torch < 2.5
 
 
 # --- availability ----------------------------------------------------------------------------------
-@functools.cache
-def _fa3_module():
-    if importlib.util.find_spec("flash_attn_interface") is None:
-        return None
-    try:
-        import flash_attn_interface  # type: ignore[import-not-found]
-    except Exception:  # a broken build must not take the model down; the next backend is exact too
-        return None
-    return flash_attn_interface
+# Where the images put Hugging Face Hub kernels fetched at image build time (docker/fetch_hub_kernel.py):
+# <dir>/<name>/build/<variant>/. They are loaded from disk with the `kernels` package; nothing is
+# ever downloaded at run time.
+HUB_KERNEL_DIR = Path("/opt/nanochat/kernels")
+# Per backend: the Hub kernel directory name, then the Python module of a wheel. An image's Hub
+# kernel comes first: the image chose it (e.g. a base image's own flash_attn may lack sliding windows).
+KERNEL_SOURCES = {
+    "fa3": ("flash-attn3", "flash_attn_interface"),  # FA3 (Hopper): kernels-community or a wheel
+    "flash": ("aiter-flash-attn", "flash_attn"),  # AMD aiter's FA on ROCm; FA2 / ROCm CK wheel
+}
+
+
+# backend -> loaded module. attention() reads this plain dict, not the cached loader: dynamo
+# cannot trace through functools.cache (it traces the wrapped loader, hits os.stat and breaks the
+# graph at every attention call of a compiled model).
+_LOADED: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class KernelModule:
+    module: Any  # has flash_attn_func / flash_attn_with_kvcache; None when nothing loaded
+    source: str  # what was loaded, or why nothing was
 
 
 @functools.cache
-def _flash_module():
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    try:
-        import flash_attn  # type: ignore[import-not-found]
-    except Exception:
-        return None
-    return flash_attn
+def kernel_module(backend: str) -> KernelModule:
+    """The flash-attention implementation behind `backend` ("fa3" or "flash"), and where it came
+    from. A broken build must not take the model down: the error becomes the reason and "auto"
+    moves on to the next exact kernel."""
+    hub_name, wheel = KERNEL_SOURCES[backend]
+    problems = []
+    hub_dir = HUB_KERNEL_DIR / hub_name
+    if hub_dir.is_dir():
+        try:
+            from kernels import get_local_kernel  # type: ignore[import-not-found]
+
+            _LOADED[backend] = get_local_kernel(hub_dir)
+            return KernelModule(_LOADED[backend], f"Hub kernel {hub_name} ({hub_dir})")
+        except Exception as e:
+            problems.append(f"Hub kernel {hub_dir} failed to load: {type(e).__name__}: {e}")
+    else:
+        problems.append(f"no Hub kernel in {hub_dir}")
+    if importlib.util.find_spec(wheel) is not None:
+        try:
+            mod = _LOADED[backend] = importlib.import_module(wheel)
+            version = getattr(mod, "__version__", None)
+            return KernelModule(mod, f"{wheel} {version}" if version else wheel)
+        except Exception as e:
+            problems.append(f"import {wheel} failed: {type(e).__name__}: {e}")
+    else:
+        problems.append(f"no {wheel} module")
+    return KernelModule(None, "; ".join(problems))
+
+
+def _kernel(backend: str) -> Any:
+    mod = _LOADED.get(backend)
+    if mod is None:  # not resolved yet: only outside a compiled model (models resolve at setup)
+        mod = kernel_module(backend).module
+    return mod
 
 
 @functools.cache
@@ -70,33 +116,39 @@ def _device_type(device: torch.device | str) -> str:
     return torch.device(device).type
 
 
-def _is_hopper(device: torch.device | str) -> bool:
+def _fa3_device_problem(device: torch.device | str) -> str | None:
+    """FA3's kernels are built for Hopper (sm_90); ROCm builds of the FA3 interface exist too (the
+    probe decides whether one works), other NVIDIA generations would only fail the probe."""
     dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available() or torch.version.hip is not None:
-        return False
-    return torch.cuda.get_device_capability(dev)[0] == 9
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return "needs a GPU"
+    if torch.version.hip is not None:
+        return None
+    major, minor = torch.cuda.get_device_capability(dev)
+    return None if major == 9 else f"needs an NVIDIA Hopper GPU (sm_90), this is sm_{major}{minor}"
+
+
+def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """Why `backend` cannot run on `device` at all (None = it can be tried)."""
+    dev_type = _device_type(device)
+    if backend in ("fa3", "flash"):
+        if dev_type != "cuda":
+            return "needs a GPU"
+        if backend == "fa3" and (problem := _fa3_device_problem(device)):
+            return problem
+        km = kernel_module(backend)
+        return None if km.module is not None else km.source
+    if backend == "flex":
+        return "torch has no FlexAttention" if _flex_fn() is None else None
+    return None  # sdpa, math: always
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on `device`, fastest first."""
-    dev_type = _device_type(device)
-    out: list[str] = []
-    if dev_type == "cuda":
-        if _is_hopper(device) and _fa3_module() is not None:
-            out.append("fa3")
-        if _flash_module() is not None:
-            out.append("flash")
-        if _flex_fn() is not None:
-            out.append("flex")
-        out.append("sdpa")
-    elif dev_type == "cpu":
-        out.append("sdpa")
-        if _flex_fn() is not None:
-            out.append("flex")
-    else:
-        out.append("sdpa")
-    out.append("math")
-    return out
+    order = {"cuda": ("fa3", "flash", "flex", "sdpa"), "cpu": ("sdpa", "flex")}.get(
+        _device_type(device), ("sdpa",)
+    )
+    return [b for b in order if unavailable_reason(b, device) is None] + ["math"]
 
 
 def select_backend(
@@ -136,13 +188,24 @@ def backend_works(backend: str, device: torch.device | str, head_dim: int = 128)
     KV-cache path) and compare with the math reference. Importable is not enough: a build may lack
     sliding windows (some ROCm flash-attn backends), a head size, or a backward for either (FA2's
     backward needs an A100/H100 for head dims > 192); "auto" then moves on to the next exact kernel."""
+    return backend_problem(backend, device, head_dim) is None
+
+
+def backend_problem(backend: str, device: torch.device | str, head_dim: int = 128) -> str | None:
+    """Why `backend` is not used on `device` (not installed, wrong GPU, or what its probe found);
+    None when it passed the probe. Kernel reports quote this as the cause of a fallback."""
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        return reason
     return _probe(backend, str(torch.device(device)), head_dim)
 
 
 # Largest gradient error a backend may show against the math reference, relative to the largest
-# reference gradient. bf16 kernels stay well under it (~5e-3 on CPU); a window off by one key
-# already moves dq by ~0.2, a backward that ignores the window by ~0.4.
+# reference gradient. bf16 kernels stay well under it (~5e-3 on CPU, ~1e-2 for FA3's bf16 dq
+# accumulated with atomics); a window off by one key already moves dq by ~0.2, a backward that
+# ignores the window by ~0.4.
 GRAD_PROBE_TOL = 0.1
+FORWARD_PROBE_TOL = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
 
 
 def _grad_error(fn, q, k, v, dy) -> float:
@@ -161,12 +224,12 @@ def _grad_error(fn, q, k, v, dy) -> float:
 
 
 @functools.cache
-def _probe(backend: str, device: str, head_dim: int) -> bool:
+def _probe(backend: str, device: str, head_dim: int) -> str | None:
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 256, h, head_dim, generator=g).to(device, dtype) for h in (4, 2, 2))
-    dy = torch.randn(1, 256, 4, head_dim, generator=g).to(device, dtype)
     try:
+        q, k, v = (torch.randn(1, 256, h, head_dim, generator=g).to(device, dtype) for h in (4, 2, 2))
+        dy = torch.randn(1, 256, 4, head_dim, generator=g).to(device, dtype)
         grad_err = _grad_error(lambda a, b, c: attention(a, b, c, window=64, backend=backend), q, k, v, dy)
         with torch.no_grad():
             want = _math(q, k, v, 64, 0).float()
@@ -179,12 +242,24 @@ def _probe(backend: str, device: str, head_dim: int) -> bool:
             rest = attention_with_cache(
                 q[:, 200:], k[:, 200:], v[:, 200:], k_cache, v_cache, 200, window=64, backend=backend
             )
-    except Exception:  # an unsupported feature surfaces as an error from the kernel
-        return False
+    except Exception as e:  # an unsupported feature surfaces as an error from the kernel
+        return f"probe (head_dim {head_dim}) raised {type(e).__name__}: {str(e)[:300]}"
     cached = torch.cat([first, rest], dim=1).float()
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
-    forward_ok = (got - want).abs().max() < tol and (cached - want).abs().max() < tol
-    return bool(forward_ok and grad_err < GRAD_PROBE_TOL)
+    tol = FORWARD_PROBE_TOL[dtype]
+    fwd_err = float((got - want).abs().max())
+    cache_err = float((cached - want).abs().max())
+    if not fwd_err < tol:
+        return (
+            f"probe (head_dim {head_dim}): forward differs from the math reference by {fwd_err:.3g} (> {tol})"
+        )
+    if not cache_err < tol:
+        return f"probe (head_dim {head_dim}): KV-cache path differs from the math reference by {cache_err:.3g} (> {tol})"
+    if not grad_err < GRAD_PROBE_TOL:
+        return (
+            f"probe (head_dim {head_dim}): backward differs from the math reference by {grad_err:.3g} "
+            f"(relative, > {GRAD_PROBE_TOL})"
+        )
+    return None
 
 
 # --- masks -----------------------------------------------------------------------------------------
@@ -287,7 +362,7 @@ def attention(
     if backend in ("fa3", "flash"):
         if q_offset != 0 or q.shape[1] != k.shape[1]:
             return _sdpa(q, k, v, window, q_offset)
-        mod = _fa3_module() if backend == "fa3" else _flash_module()
+        mod = _kernel(backend)
         out = mod.flash_attn_func(q, k, v, causal=True, window_size=_fa_window(window, k.shape[1]))
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
@@ -303,7 +378,7 @@ def attention_with_cache(
     if end > k_cache.shape[1]:
         raise ValueError(f"KV cache overflow: position {end} > cache length {k_cache.shape[1]}")
     if backend in ("fa3", "flash"):
-        mod = _fa3_module() if backend == "fa3" else _flash_module()
+        mod = _kernel(backend)
         seqlens = torch.full((q.shape[0],), pos, dtype=torch.int32, device=q.device)
         out = mod.flash_attn_with_kvcache(
             q,

@@ -61,12 +61,25 @@ def detect_device(requested: str = "auto") -> DeviceInfo:
         if requested == "rocm" and not rocm:
             raise ValueError("device 'rocm' requested but this torch is a CUDA build")
         name = torch.cuda.get_device_name(0)
-        return DeviceInfo(
-            "cuda", "rocm" if rocm else "cuda", name, sizing.gpu_key(name) or "cpu", torch.cuda.device_count()
-        )
+        key = sizing.gpu_key(name)
+        if key is None and rocm:
+            # Some ROCm containers report an empty or generic marketing name; the ISA still says
+            # which Instinct generation this is, so MFU is not silently lost.
+            key = rocm_arch_key(str(torch.cuda.get_device_properties(0).gcnArchName))
+        return DeviceInfo("cuda", "rocm" if rocm else "cuda", name, key or "cpu", torch.cuda.device_count())
     if requested in ("auto", "mps") and mps:
         return DeviceInfo("mps", "mps", "mps", "cpu", 1)
     return DeviceInfo("cpu", "cpu", "cpu", "cpu", 1)
+
+
+# ISA -> sizing.PEAK_FLOPS key, for ROCm devices whose name sizing.gpu_key does not know.
+# gfx942 is also the MI300A (980 TFLOP/s); the discrete MI300X/MI325X is the common case.
+ROCM_ARCH_KEYS = {"gfx942": "mi300x", "gfx950": "mi355x", "gfx90a": "mi250x"}
+
+
+def rocm_arch_key(gcn_arch: str) -> str | None:
+    """ "gfx942:sramecc+:xnack-" -> "mi300x"; None for an ISA without an entry."""
+    return ROCM_ARCH_KEYS.get(gcn_arch.split(":")[0])
 
 
 def is_rocm_build() -> bool:
@@ -176,36 +189,3 @@ def cleanup_distributed(synchronize: bool = False) -> None:
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def fp8_available() -> bool:
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def enable_fp8(model: torch.nn.Module, device_type: str, recipe: str = "tensorwise") -> int:
-    """Convert the large Linear layers to torchao Float8Linear; returns how many were converted.
-    Raises ValueError when FP8 is requested without a GPU or without torchao."""
-    if device_type != "cuda":
-        raise ValueError(f"fp8 training needs a GPU; device is {device_type!r}")
-    if not fp8_available():
-        raise ValueError("fp8 training requested but torchao is not installed (pip install torchao)")
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    def keep(mod: torch.nn.Module, fqn: str) -> bool:
-        # FP8 GEMMs need dims divisible by 16, and small matrices gain nothing.
-        return (
-            isinstance(mod, torch.nn.Linear)
-            and mod.in_features % 16 == 0
-            and mod.out_features % 16 == 0
-            and min(mod.in_features, mod.out_features) >= 128
-        )
-
-    before = sum(1 for m in model.modules() if "Float8" in type(m).__name__)
-    convert_to_float8_training(
-        model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=keep
-    )
-    return sum(1 for m in model.modules() if "Float8" in type(m).__name__) - before

@@ -30,7 +30,9 @@ from shared.nanochat.checkpoint import (
     save_checkpoint,
 )
 from shared.nanochat.device import DistInfo, choose_dtype, detect_device, init_distributed
+from shared.nanochat.fp8 import FP8_ALIGN, enable_fp8
 from shared.nanochat.gpt import GPT
+from shared.nanochat.kernel_report import graph_break_count, kernel_report
 from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups
 from shared.nanochat.sft_data import MIXTURES, PackerState, build_mixture, packed_batches
 from shared.nanochat.sizing import mfu
@@ -75,6 +77,7 @@ class SFTConfig:
     resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
     device: str = "auto"
     compile: bool | None = None  # torch.compile the training forward; None = on GPU only
+    fp8: bool = False  # transformer-block matmuls in FP8 while training (fp8.py); eval stays bf16
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -118,6 +121,17 @@ class SFTConfig:
             raise ValueError(f"device: must be auto/cuda/rocm/mps/cpu, got {self.device!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"compile: must be true, false or null, got {self.compile!r}")
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"fp8: must be true or false, got {self.fp8!r}")
+        if (
+            self.fp8
+            and self.max_seq_len is not None
+            and (self.device_batch_size * self.max_seq_len) % FP8_ALIGN
+        ):
+            raise ValueError(
+                f"fp8: needs device_batch_size * max_seq_len divisible by {FP8_ALIGN}, "
+                f"got {self.device_batch_size} * {self.max_seq_len}"
+            )
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
 
@@ -281,14 +295,22 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.load(Path(cfg.tokenizer_dir))
     out_dir = Path(cfg.out_dir)
+    dtype = choose_dtype(dev.type)
     model, optimizer, meta, base_meta, resume_step, optimizer_loaded = _load_start(
-        cfg, tokenizer, dinfo, choose_dtype(dev.type)
+        cfg, tokenizer, dinfo, dtype
     )
     model_config = model.config
+    seq_len = cfg.max_seq_len or model_config.sequence_len
+    if cfg.fp8:
+        if (cfg.device_batch_size * seq_len) % FP8_ALIGN:
+            raise ValueError(
+                f"fp8: needs device_batch_size * max_seq_len divisible by {FP8_ALIGN}, "
+                f"got {cfg.device_batch_size} * {seq_len} (the base model's sequence_len)"
+            )
+        enable_fp8(model, device)  # same Parameters: the optimizer built above is unaffected
     # rows are always (B, T): one static-shape graph; eval and checkpoints use the plain module
     use_compile = dev.type == "cuda" if cfg.compile is None else cfg.compile
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    seq_len = cfg.max_seq_len or model_config.sequence_len
     mixture = build_mixture(
         cfg.mixture,
         tasks_dir=Path(cfg.tasks_dir) if cfg.tasks_dir else None,
@@ -411,9 +433,16 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = max(time.time() - t0, 1e-9)
-        if rank == 0 and hooks.on_progress and (step % cfg.log_every == 0 or step == 1):
+        if rank == 0 and hooks.on_progress and (step % cfg.log_every == 0 or step == start_step + 1):
             frac = progress_frac()
             elapsed = time.time() - t_start
+            # The first record of every (re)started run says which kernels run (kernel_report.py).
+            kernels: dict = {}
+            if step == start_step + 1:
+                graph_breaks = graph_break_count() if use_compile else None
+                kernels["kernels"] = kernel_report(
+                    model, dev, device, dtype, compiled=use_compile, graph_breaks=graph_breaks
+                )
             hooks.on_progress(
                 {
                     # pretraining and SFT append to the same progress.jsonl; the report splits them
@@ -433,6 +462,7 @@ def sft(cfg: SFTConfig, hooks: TrainHooks | None = None) -> TrainResult:
                     else None,
                     "epoch": state.epoch,
                     "progress": frac,
+                    **kernels,
                 }
             )
         if cfg.eval_every and step % cfg.eval_every == 0:

@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from shared.nanochat import sizing
 from shared.nanochat.checkpoint import apply_retention, latest_step, load_checkpoint, save_checkpoint
-from shared.nanochat.device import DistInfo, choose_dtype, detect_device, enable_fp8, init_distributed
+from shared.nanochat.device import DistInfo, choose_dtype, detect_device, init_distributed
+from shared.nanochat.fp8 import FP8_ALIGN
 from shared.nanochat.optim import MuonAdamW, OptimizerConfig, Schedule, apply_schedule, build_param_groups
 
 EMA_BETA = 0.9  # smoothing of the reported training loss (debiased), as the reference
@@ -74,7 +75,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     compile: bool | None = None  # None = on GPU only
     attn_backend: str = "auto"
-    fp8: bool = False
+    fp8: bool = False  # transformer-block matmuls in FP8 while training (fp8.py); eval stays bf16
     seed: int = 42
     log_every: int = 1  # steps between progress events
 
@@ -127,6 +128,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype must be auto/bfloat16/float16/float32, got {self.dtype!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"TrainConfig.compile must be true, false or null, got {self.compile!r}")
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"TrainConfig.fp8 must be true or false, got {self.fp8!r}")
+        if self.fp8 and (self.device_batch_size * self.max_seq_len) % FP8_ALIGN:
+            # FP8 GEMMs need every dimension, the B*T rows included, divisible by 16.
+            raise ValueError(
+                f"TrainConfig.fp8 needs device_batch_size * max_seq_len divisible by {FP8_ALIGN}, "
+                f"got {self.device_batch_size} * {self.max_seq_len}"
+            )
         self.optimizer_config()  # LRs and weight decay validated where they are defined
 
     def optimizer_config(self) -> OptimizerConfig:
@@ -213,7 +222,9 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     from shared.nanochat.config import GPTConfig
     from shared.nanochat.dataloader import PretrainLoader
     from shared.nanochat.eval.bpb import evaluate_bpb
+    from shared.nanochat.fp8 import enable_fp8
     from shared.nanochat.gpt import GPT
+    from shared.nanochat.kernel_report import graph_break_count, kernel_report
     from shared.nanochat.tokenizer import Tokenizer, token_bytes
 
     hooks = hooks or TrainHooks()
@@ -276,7 +287,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         del model_state
 
     if cfg.fp8:
-        enable_fp8(model, dev.type)
+        enable_fp8(model, device)  # after loading: the state dict is the bf16 model's either way
     train_model: torch.nn.Module = torch.compile(model, dynamic=False) if use_compile else model  # type: ignore[assignment]
 
     optimizer = MuonAdamW(
@@ -408,6 +419,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         return _all_ranks_any(bool(hooks.should_stop and hooks.should_stop()), dinfo)
 
     stopped = False
+    kernels_reported = False
     gc_was_enabled = gc.isenabled()
     train_model.train()
     try:
@@ -464,6 +476,15 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
             if rank == 0 and hooks.on_progress and (step % cfg.log_every == 0 or step == num_iterations):
                 tok_s = tokens_per_step / dt
+                # The first record of every (re)started run says which kernels run; graph breaks
+                # are known once the first step has compiled.
+                kernels: dict = {}
+                if not kernels_reported:
+                    kernels_reported = True
+                    graph_breaks = graph_break_count() if use_compile else None
+                    kernels["kernels"] = kernel_report(
+                        model, dev, device, dtype, compiled=use_compile, graph_breaks=graph_breaks
+                    )
                 hooks.on_progress(
                     {
                         "step": step,
@@ -477,6 +498,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                         "step_seconds": dt,
                         "total_training_seconds": total_time,
                         **sched,
+                        **kernels,
                     }
                 )
     finally:

@@ -245,3 +245,29 @@ def test_gpu_model_training_step_matches_across_backends():
     assert abs(grads["auto"][0] - grads["sdpa"][0]) < 1e-2
     rel = (grads["auto"][1] - grads["sdpa"][1]).norm() / grads["sdpa"][1].norm()
     assert rel < 5e-2
+
+
+def test_loaded_flash_kernel_is_called_without_graph_breaks(monkeypatch):
+    """A compiled model reaches FA3 / flash through a plain dict of loaded modules: tracing the
+    cached loader instead (os.stat inside) broke the graph at every attention call. The kernel
+    here is an exact stand-in with FlashAttention's interface, since CPUs have no flash kernel."""
+    from types import SimpleNamespace
+
+    from shared.nanochat import attention as attn
+
+    def flash_attn_func(q, k, v, causal, window_size):
+        assert causal
+        return attn._math(q, k, v, k.shape[1] if window_size[0] < 0 else window_size[0], 0)
+
+    monkeypatch.setitem(attn._LOADED, "flash", SimpleNamespace(flash_attn_func=flash_attn_func))
+    q, k, v = qkv(b=1, t=128, h=4, hkv=2, d=32)
+
+    def two_layers(q, k, v):
+        y = attention(q.sin(), k, v, window=64, backend="flash")
+        return attention(y, k, v, window=127, backend="flash")
+
+    want = attention(attention(q.sin(), k, v, window=64, backend="math"), k, v, window=127, backend="math")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(two_layers)(q, k, v)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert torch.allclose(two_layers(q, k, v), want, atol=1e-5)

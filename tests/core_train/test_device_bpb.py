@@ -1,4 +1,4 @@
-"""device.py (detection, env defaults, dtype, fp8 guard) and eval/bpb.py on hand-computable cases."""
+"""device.py (detection, env defaults, dtype) and eval/bpb.py on hand-computable cases."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shared.nanochat import device as dev
+from shared.nanochat import sizing
 from shared.nanochat.eval.bpb import evaluate_bpb
 
 
@@ -77,13 +78,10 @@ def test_init_distributed_single_process_is_a_no_op(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_fp8_requires_gpu_and_torchao():
-    model = torch.nn.Sequential(torch.nn.Linear(256, 256))
-    with pytest.raises(ValueError, match="GPU"):
-        dev.enable_fp8(model, "cpu")
-    if not dev.fp8_available():
-        with pytest.raises(ValueError, match="torchao"):
-            dev.enable_fp8(model, "cuda")
+def test_rocm_arch_names_a_peak_when_the_device_name_does_not():
+    assert dev.rocm_arch_key("gfx942:sramecc+:xnack-") == "mi300x"
+    assert dev.rocm_arch_key("gfx950") == "mi355x" and dev.rocm_arch_key("gfx1100") is None
+    assert all(key in sizing.PEAK_FLOPS for key in dev.ROCM_ARCH_KEYS.values())
 
 
 class FixedLogits(torch.nn.Module):

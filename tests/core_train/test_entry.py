@@ -77,6 +77,18 @@ def test_entry_runs_to_completion_and_reports(tiny_config, tmp_path):
     assert all(isinstance(r["time"], float) for r in recs)
     prog = [r for r in recs if r["type"] == "progress"]
     assert [p["step"] for p in prog] == [1, 2, 3, 4] and all("tokens_per_sec" in p for p in prog)
+    # the stage log (stdout) gets readable step lines: the first and the last step at least
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("step 00001/00004 (25.00%) | loss: ") for line in lines), proc.stdout
+    last = next(line for line in lines if line.startswith("step 00004/00004 (100.00%)"))
+    for part in ("| lrm: ", "| dt: ", "ms | tok/sec: ", "| mfu: ", "| elapsed: ", "| eta: "):
+        assert part in last, last
+    assert any("validation bpb: " in line for line in lines) and any(
+        "checkpoint saved" in line for line in lines
+    )
+    # The kernel report rides on the first progress line only (docs/ARCHITECTURE.md).
+    assert prog[0]["kernels"]["attention"] == {"full": "sdpa"} and prog[0]["kernels"]["fp8"] is False
+    assert all("kernels" not in p for p in prog[1:])
 
 
 def test_entry_honours_stop_file(tiny_config, tmp_path):

@@ -171,11 +171,76 @@ def test_ncp_train_cli(tiny_config, tmp_path, capsys):
             "compile=false",
             "--checkpoint-dir",
             str(tmp_path / "cli_ckpt"),
+            "--progress-file",
+            str(tmp_path / "progress.jsonl"),
         ]
     )
     assert rc == 0
     out = capsys.readouterr().out
     assert "step      3/3 | loss" in out and "val bpb" in out and "finished at step 3/3" in out
+    assert "kernels: cpu | attention full sdpa | eager | float32 | fp8 off | no peak FLOP/s" in out
     assert latest_step(tmp_path / "cli_ckpt") == 3
+    records = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records] == ["eval", "progress", "progress", "progress", "eval", "checkpoint"]
+    assert [r["raw_loss"] for r in records if r["type"] == "progress"] == pytest.approx(
+        [float(line.split("raw ")[1].split(")")[0]) for line in out.splitlines() if "(raw " in line], abs=1e-4
+    )
+    rc = ncp(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--num-iterations",
+            "1",
+            "--fp8",
+            "--checkpoint-dir",
+            str(tmp_path / "f"),
+        ]
+    )
+    assert rc == 0 and "fp8 e4m3fn/e5m2 (12 layers)" in capsys.readouterr().out
     assert ncp(["train", "--config", str(config), "--set", "depth=-2"]) == 2
     assert "depth" in capsys.readouterr().err
+
+
+def test_first_progress_record_carries_the_kernel_report(tiny_config):
+    progress = []
+    train(tiny_config(num_iterations=4, log_every=2), TrainHooks(on_progress=progress.append))
+    assert [p["step"] for p in progress] == [2, 4]  # the cadence is unchanged
+    assert "kernels" not in progress[1]
+    k = progress[0]["kernels"]
+    assert k["device"] == "cpu" and k["device_backend"] == "cpu" and k["compute_dtype"] == "float32"
+    assert k["attention"] == {"full": "sdpa"}  # window_pattern "L"
+    assert k["compiled"] is False and k["graph_breaks"] is None
+    assert (k["fp8"], k["fp8_layers"], k["fp8_formats"]) == (False, 0, None)
+    assert k["peak_flops"] is None and k["slow_fallbacks"] == []  # CPU: nothing to flag
+    json.dumps(k)  # goes into progress.jsonl as it is
+
+
+def test_fp8_training_tracks_full_precision(tiny_config, tmp_path):
+    """FP8 (CPU `_scaled_mm`) through the real trainer: every transformer matrix converted, the
+    report says so, losses within 0.05 nats of the full-precision run's, and the checkpoint holds
+    the ordinary full-precision state dict."""
+    base = train(tiny_config(num_iterations=6, checkpoint_dir=str(tmp_path / "base")))
+    progress = []
+    cfg = tiny_config(num_iterations=6, checkpoint_dir=str(tmp_path / "fp8"), fp8=True)
+    run = train(cfg, TrainHooks(on_progress=progress.append))
+    k = progress[0]["kernels"]
+    assert (k["fp8"], k["fp8_layers"], k["fp8_formats"]) == (True, 2 * 6, "e4m3fn/e5m2")
+    assert max(abs(a - b) for a, b in zip(base.losses, run.losses, strict=True)) < 0.05
+    assert base.losses != run.losses
+    a, _ = build_model(tmp_path / "base")
+    b, _ = build_model(tmp_path / "fp8")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(v.dtype == b.state_dict()[n].dtype for n, v in a.state_dict().items())
+
+
+def test_fp8_needs_rows_divisible_by_16():
+    with pytest.raises(ValueError, match="fp8"):
+        TrainConfig(
+            data_dir="d",
+            tokenizer_dir="t",
+            checkpoint_dir="c",
+            fp8=True,
+            device_batch_size=3,
+            max_seq_len=100,
+        )

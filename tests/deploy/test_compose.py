@@ -34,6 +34,8 @@ VENDOR_ENV = {
     "POSTGRES_PASSWORD",
     "POSTGRES_DB",
     "PYTHONPATH",
+    "VIDEO_GID",
+    "RENDER_GID",
 }
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret-1234", "NCP_API_TOKEN": "token-abcdef-123456"}
 
@@ -52,7 +54,9 @@ def compose(files: list[str], env_file, *args: str) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def env_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("compose") / ".env"
-    path.write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items()) + "NCP_GPUS=2,3\n")
+    path.write_text(
+        "".join(f"{k}={v}\n" for k, v in SECRETS.items()) + "NCP_GPUS=2,3\nVIDEO_GID=44\nRENDER_GID=110\n"
+    )
     return path
 
 
@@ -108,7 +112,12 @@ def test_env_values_parse_as_settings(configs, monkeypatch):
 
     for cfg in configs.values():
         for svc in cfg["services"].values():
-            env = {k: str(v) for k, v in svc.get("environment", {}).items() if k.startswith("NCP_")}
+            # None: a key listed without a value, passed on only when .env sets it.
+            env = {
+                k: str(v)
+                for k, v in svc.get("environment", {}).items()
+                if k.startswith("NCP_") and v is not None
+            }
             if not env:
                 continue
             for k in list(os.environ):
@@ -148,7 +157,9 @@ def test_env_example_is_complete_and_placeholder(configs, tmp_path):
 def test_rocm_train_worker_is_pinned_to_the_gpu(configs):
     svc = configs["rocm"]["services"]["train-worker"]
     assert {d.split(":")[0] for d in svc["devices"]} == {"/dev/kfd", "/dev/dri"}
-    assert set(svc["group_add"]) == {"video", "render"}
+    assert set(svc["group_add"]) == {"44", "110"}  # numeric, from .env
+    assert (svc["environment"]["VIDEO_GID"], svc["environment"]["RENDER_GID"]) == ("44", "110")
+    assert svc["environment"].get("HSA_OVERRIDE_GFX_VERSION") is None  # not forced
     assert svc["ipc"] == "host" and svc["shm_size"]
     assert "seccomp=unconfined" in svc["security_opt"] and "SYS_PTRACE" in svc["cap_add"]
     env = svc["environment"]
@@ -199,3 +210,64 @@ def test_shared_volume_at_ncp_home_everywhere_runs_are_touched(configs):
                 continue
             mounts = {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])}
             assert mounts.get(home) == "ncp-home", f"{name}/{sname}: ncp-home volume not mounted at {home}"
+
+
+def test_gpu_groups_unset_fail_naming_the_variable(tmp_path):
+    """No group names reach group_add: unset, the entry is a placeholder docker cannot resolve, so
+    the container stops with "Unable to find group VIDEO_GID_is_not_set..."."""
+    env_file = tmp_path / "no-gids.env"
+    env_file.write_text(
+        "".join(f"{k}={v}\n" for k, v in SECRETS.items()) + "HSA_OVERRIDE_GFX_VERSION=9.4.2\n"
+    )
+    r = compose(COMBOS["rocm"], env_file, "config")
+    assert r.returncode == 0, r.stderr
+    svc = yaml.safe_load(r.stdout)["services"]["train-worker"]
+    assert sorted(g.split("_is_not_set")[0] for g in svc["group_add"]) == ["RENDER_GID", "VIDEO_GID"]
+    assert all("getent_group_video_render" in g for g in svc["group_add"])
+    assert svc["environment"]["HSA_OVERRIDE_GFX_VERSION"] == "9.4.2"  # set in .env: passed on
+
+
+def test_any_printable_password_reaches_the_services_intact(tmp_path, monkeypatch):
+    """Every printable ASCII character in POSTGRES_PASSWORD (from the environment, which compose
+    never re-interpolates): postgres gets it as is, and the URL the settings build parses back to it."""
+    import string
+
+    from sqlalchemy.engine import make_url
+
+    from shared.settings import Settings
+
+    password = string.printable.strip() + " end"
+    env_file = tmp_path / "token-only.env"
+    env_file.write_text(f"NCP_API_TOKEN={SECRETS['NCP_API_TOKEN']}\n")
+    cmd = [
+        COMPOSE,
+        "--project-directory",
+        str(REPO),
+        "--env-file",
+        str(env_file),
+        "-f",
+        str(REPO / "compose.yaml"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCP_", "POSTGRES_"))}
+    r = subprocess.run(
+        [*cmd, "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "POSTGRES_PASSWORD": password},
+    )
+    assert r.returncode == 0, r.stderr
+    services = yaml.safe_load(r.stdout)["services"]
+    unescape = lambda v: v.replace("$$", "$")  # noqa: E731 - `config` prints $ escaped as $$
+    assert unescape(services["postgres"]["environment"]["POSTGRES_PASSWORD"]) == password
+    api_env = {
+        k: unescape(str(v))
+        for k, v in services["api"]["environment"].items()
+        if k.startswith("NCP_") and v is not None
+    }
+    for k in [k for k in os.environ if k.startswith("NCP_")]:
+        monkeypatch.delenv(k)
+    for k, v in api_env.items():
+        monkeypatch.setenv(k, v)
+    url = make_url(Settings().database_url)
+    assert url.password == password and url.host == "postgres"

@@ -118,9 +118,12 @@ def test_torch_is_never_installed_unpinned(path):
             if torch:
                 assert name not in GPU_IMAGES, f"{name} installs torch over the GPU image's own build"
                 assert all(re.fullmatch(r"torch==\S+", t) for t in torch), step
-                assert "download.pytorch.org/whl/cpu" in step, (
-                    f"CPU torch must come from the CPU index: {step}"
-                )
+                # From the index of the TORCH_INDEX_URL build arg, whose default is the CPU index,
+                # and pinned to the "+cpu" build that no other index can substitute.
+                assert '--index-url "${TORCH_INDEX_URL}"' in step, step
+                args = dict(re.findall(r"^ARG (\w+)=(\S*)$", path.read_text(), flags=re.M))
+                assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu", args
+                assert args["TORCH_VERSION"].endswith("+cpu"), args
     if name in GPU_IMAGES:
         text = path.read_text()
         assert "-c /tmp/constraints.txt" in text, "GPU images pin their installed torch with a constraint"

@@ -14,16 +14,24 @@ from tests.deploy.conftest import REPO, check_command, setting_env_names
 
 CHART = REPO / "helm" / "nanochat-platform"
 K8S_VERSION = "1.35.0"
-REQUIRED = {"secrets": {"apiToken": "tok-0123456789"}, "postgresql": {"password": "p@ss/w:rd"}}
+# A password with every character that breaks a URL pasted together by hand.
+PASSWORD = "p@ss/w:rd+ %#?&=x"
+GPU_GROUPS = {"gpu": {"supplementalGroups": [44, 110]}}
+REQUIRED = {"secrets": {"apiToken": "tok-0123456789"}, "postgresql": {"password": PASSWORD}, **GPU_GROUPS}
 
 
-def render(values: dict | None = None, *, overlay: str | None = None, namespace: str = "ml") -> list[dict]:
-    vals: dict = {}
-    if overlay:
-        vals = yaml.safe_load((CHART / overlay).read_text())
-    vals = merge(vals, copy.deepcopy(REQUIRED) if values is None else values)
+def render(
+    values: dict | None = None,
+    *,
+    overlay: str | None = None,
+    namespace: str = "ml",
+    upgrade: bool = False,
+) -> list[dict]:
+    vals = copy.deepcopy(REQUIRED) if values is None else values
+    if overlay:  # the overlay file comes last, as with `-f values-nvidia.yaml`
+        vals = merge(vals, yaml.safe_load((CHART / overlay).read_text()))
     with helm.Chart.load(str(CHART)) as chart:
-        out = chart.render(vals, name="ncp", namespace=namespace, is_install=True)
+        out = chart.render(vals, name="ncp", namespace=namespace, is_install=not upgrade, is_upgrade=upgrade)
     objs = []
     for name, text in sorted(out.items()):
         if name.endswith(".txt"):
@@ -104,12 +112,18 @@ def test_helm_lint_is_clean():
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"postgresql": {"password": "x"}}, "secrets.apiToken is required"),
-        ({"secrets": {"apiToken": "t"}}, "postgresql.password is required"),
+        ({"postgresql": {"password": "x"}, **GPU_GROUPS}, "secrets.apiToken is required"),
+        ({"secrets": {"apiToken": "t"}, **GPU_GROUPS}, "postgresql.password is required"),
         (
-            {"secrets": {"apiToken": "t"}, "postgresql": {"enabled": False}},
+            {"secrets": {"apiToken": "t"}, "postgresql": {"enabled": False}, **GPU_GROUPS},
             "externalDatabase.url is required",
         ),
+        (
+            {"secrets": {"apiToken": "t"}, "postgresql": {"password": "x"}},
+            "gpu.supplementalGroups is required with gpu.resource=amd.com/gpu",
+        ),
+        (merge(REQUIRED, {"gpu": {"supplementalGroups": ["video", 110]}}), '"video" is not a number'),
+        (merge(REQUIRED, {"gpu": {"supplementalGroups": ["44"]}}), '"44" is not a number'),
         (merge(REQUIRED, {"redis": {"enabled": False}}), "externalRedis.url is required"),
         (merge(REQUIRED, {"multinode": {"enabled": True}}), "multinode.jobId is required"),
     ],
@@ -142,12 +156,24 @@ def test_the_platform_is_all_there(rendered):
     assert secret["NCP_BROKER_URL"] == "redis://cache.example:6379/0"
 
 
-def test_password_is_url_quoted_in_the_database_url(rendered):
-    secret = by_kind(rendered["default"], "Secret")["ncp-nanochat-platform-secrets"]["stringData"]
+def test_database_url_is_built_from_fields_by_the_settings(rendered, monkeypatch):
+    """The chart passes host/user/name/password apart; shared/settings.py builds and quotes the URL
+    (the one place, for compose too), so the password survives every URL character."""
     from sqlalchemy.engine import make_url
 
-    url = make_url(secret["NCP_DATABASE_URL"])
-    assert url.password == "p@ss/w:rd" and url.host == "ncp-nanochat-platform-postgres"
+    from shared.settings import Settings
+
+    objs = rendered["default"]
+    cm = by_kind(objs, "ConfigMap")["ncp-nanochat-platform-config"]["data"]
+    secret = by_kind(objs, "Secret")["ncp-nanochat-platform-secrets"]["stringData"]
+    assert "NCP_DATABASE_URL" not in secret and secret["NCP_DB_PASSWORD"] == PASSWORD
+    for k in [k for k in __import__("os").environ if k.startswith("NCP_")]:
+        monkeypatch.delenv(k)
+    for k, v in {**cm, **secret}.items():
+        monkeypatch.setenv(k, v)
+    url = make_url(Settings().database_url)
+    assert url.password == PASSWORD and url.host == "ncp-nanochat-platform-postgres"
+    assert (url.username, url.database, url.port) == ("ncp", "ncp", 5432)
 
 
 def test_commands_exist_in_the_package(rendered):
@@ -226,15 +252,63 @@ def test_rbac_lets_only_the_train_worker_launch_jobs(rendered):
             assert "serviceAccountName" not in pod
 
 
-def test_migration_is_a_hook(rendered):
-    for variant, phase in (("default", "post-install,pre-upgrade"), ("external", "pre-install,pre-upgrade")):
-        job = by_kind(rendered[variant], "Job")["ncp-nanochat-platform-migrate"]
-        assert job["metadata"]["annotations"]["helm.sh/hook"] == phase
-        secret = by_kind(rendered[variant], "Secret")["ncp-nanochat-platform-migrate"]
-        assert secret["metadata"]["annotations"]["helm.sh/hook"] == phase
+def test_migrations_never_deadlock_helm_install_wait(rendered):
+    """`helm install --wait/--atomic` with the bundled Postgres: the migration is an ordinary Job of
+    the release (a post-install hook would only start after --wait saw the API ready, which needs
+    the tables). Upgrades and external databases migrate in a pre-* hook, before the new code."""
+    install = rendered["default"]
+    job = by_kind(install, "Job")["ncp-nanochat-platform-migrate-install"]
+    secret = by_kind(install, "Secret")["ncp-nanochat-platform-migrate-install"]
+    assert "helm.sh/hook" not in job["metadata"].get("annotations", {})
+    assert "helm.sh/hook" not in secret["metadata"].get("annotations", {})
+    assert job["spec"]["backoffLimit"] >= 6  # retried until the bundled Postgres answers
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "ncp-nanochat-platform-migrate-install"}}
+    ]
+    assert secret["stringData"]["NCP_DB_PASSWORD"] == PASSWORD
+    assert not any(
+        "post-install" in o["metadata"].get("annotations", {}).get("helm.sh/hook", "") for o in install
+    )
+    # The API's readiness needs the tables; what makes it ready is this Job, not a later hook.
+    api = by_kind(install, "Deployment")["ncp-nanochat-platform-api"]["spec"]["template"]["spec"]
+    assert api["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Inference is ready before any model is published ("no model yet"), so --wait finishes.
+    inf = by_kind(install, "Deployment")["ncp-nanochat-platform-inference"]["spec"]["template"]["spec"]
+    assert inf["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
+    for variant, objs, phase in (
+        ("upgrade", render(upgrade=True), "pre-upgrade"),
+        ("external", rendered["external"], "pre-install,pre-upgrade"),
+    ):
+        job = by_kind(objs, "Job")["ncp-nanochat-platform-migrate"]
+        secret = by_kind(objs, "Secret")["ncp-nanochat-platform-migrate"]
+        assert job["metadata"]["annotations"]["helm.sh/hook"] == phase, variant
+        assert secret["metadata"]["annotations"]["helm.sh/hook"] == phase, variant
         assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
             job["metadata"]["annotations"]["helm.sh/hook-weight"]
         )
+
+
+def test_gpu_overrides_only_where_set(rendered):
+    """HSA_OVERRIDE_GFX_VERSION is per GPU part: never forced, passed on when a user sets it."""
+    for variant in ("default", "nvidia"):
+        for _, _, ctrs in containers(rendered[variant]):
+            assert "HSA_OVERRIDE_GFX_VERSION" not in {e["name"] for e in ctrs[0].get("env", [])}
+    objs = render(merge(REQUIRED, {"gpu": {"env": {"HSA_OVERRIDE_GFX_VERSION": "9.4.2"}}}))
+    train = by_kind(objs, "Deployment")["ncp-nanochat-platform-train-worker"]["spec"]["template"]["spec"]
+    assert {"name": "HSA_OVERRIDE_GFX_VERSION", "value": "9.4.2"} in train["containers"][0]["env"]
+
+
+def test_nfs_home_permissions_init_container(rendered):
+    api = by_kind(rendered["default"], "Deployment")["ncp-nanochat-platform-api"]["spec"]["template"]["spec"]
+    assert "initContainers" not in api
+    objs = render(merge(REQUIRED, {"persistence": {"initPermissions": True}}))
+    api = by_kind(objs, "Deployment")["ncp-nanochat-platform-api"]["spec"]["template"]["spec"]
+    (init,) = api["initContainers"]
+    assert init["securityContext"] == {"runAsUser": 0, "runAsNonRoot": False}
+    env = {e["name"]: e["value"] for e in init["env"]}
+    assert (env["NCP_UID"], env["NCP_GID"], env["NCP_HOME"]) == ("10001", "10001", "/data/ncp")
+    assert {m["mountPath"] for m in init["volumeMounts"]} == {"/data/ncp"}
 
 
 def test_checkpoint_volume_is_mounted_at_ncp_home(rendered):
@@ -243,7 +317,7 @@ def test_checkpoint_volume_is_mounted_at_ncp_home(rendered):
         home = by_kind(objs, "ConfigMap")["ncp-nanochat-platform-config"]["data"]["NCP_HOME"]
         claim = "shared-home" if variant == "external" else "ncp-nanochat-platform-home"
         for o, pod, ctrs in containers(objs):
-            if o["kind"] == "StatefulSet" or o["metadata"]["name"].endswith("migrate"):
+            if o["kind"] == "StatefulSet" or "-migrate" in o["metadata"]["name"]:
                 continue
             vols = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for m in ctrs[0]["volumeMounts"]}

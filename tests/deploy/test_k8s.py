@@ -81,7 +81,10 @@ def test_manifests_validate_and_carry_the_torchrun_args():
     assert cmd[0] == "torchrun"
     assert "--nnodes=4" in cmd and "--nproc-per-node=8" in cmd
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd
-    assert "--rdzv-backend=c10d" in cmd and "--rdzv-endpoint=ncp-train-job-42-0.ncp-train-job-42:29500" in cmd
+    # static: node rank 0 hosts the rendezvous whether or not its DNS name resolves yet at start
+    assert (
+        "--rdzv-backend=static" in cmd and "--rdzv-endpoint=ncp-train-job-42-0.ncp-train-job-42:29500" in cmd
+    )
     i = cmd.index("-m")
     assert cmd[i + 1 : i + 3] == ["services.train_worker.entry", "pretrain"]
     assert cmd[cmd.index("--config") + 1].endswith("pretrain_config.json")
@@ -104,8 +107,9 @@ def test_torchrun_args_parse_with_torchrun_itself():
     cmd = [a.replace("$(JOB_COMPLETION_INDEX)", "2") for a in k8s.torchrun_command(make_cfg())]
     args = torchrun.get_args_parser().parse_args(cmd[1:])
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("4", "8", 2)
+    assert args.rdzv_conf == "timeout=900"
     assert (args.rdzv_backend, args.rdzv_endpoint, args.module) == (
-        "c10d",
+        "static",
         "ncp-train-job-42-0.ncp-train-job-42:29500",
         True,
     )
@@ -126,7 +130,6 @@ def test_chart_template_renders_the_same_objects():
         config_map="ncp-nanochat-platform-config",
         env=(
             ("HIP_FORCE_DEV_KERNARG", "1"),
-            ("HSA_OVERRIDE_GFX_VERSION", "9.4.2"),
             ("PYTORCH_ALLOC_CONF", "expandable_segments:True"),
         ),
         supplemental_groups=(44, 110),

@@ -1,5 +1,7 @@
 """The multi-node pod command of k8s.py, run for real: two "nodes" as two torchrun agents on this
-machine (CPU, gloo), meeting through the c10d rendezvous, train a tiny model to the end.
+machine (CPU, gloo), meeting through the static rendezvous (node rank 0 hosts it), train a tiny
+model to the end. scripts/e2e_compose.sh runs the chart's command as two containers, pod 0's DNS
+name resolving late.
 
 Only what Kubernetes would provide is substituted: `$(JOB_COMPLETION_INDEX)` by each agent's
 index, and pod 0's DNS name by 127.0.0.1 (there is no cluster DNS here)."""

@@ -41,7 +41,11 @@ def test_base_then_chat_eval_then_report(trained_base, tmp_path):
         "\n".join(json.dumps({"type": "progress", "step": s, "loss": 6 - s / 10}) for s in range(1, 31))
     )
     md = write_report(run, {"id": "j1", "status": "succeeded"}).read_text()
-    assert "| python_keywords_lm |" in md and "ChatCORE" in md and "![loss curve](loss.png)" in md
+    assert (
+        "| python_keywords_lm |" in md
+        and "ChatCORE" in md
+        and "![pretrain training loss](pretrain_loss.png)" in md
+    )
 
 
 def test_mismatched_tokenizer_is_refused_before_any_work(trained_base, tmp_path, capsys):

@@ -87,6 +87,9 @@ def test_sft_loss_falls_and_writes_chat_checkpoint(trained_base, tmp_path):
     )
     assert events["eval"] and math.isfinite(events["eval"][-1]["val_bpb"])
     assert {e["stage"] for k in events for e in events[k]} == {"sft"}  # told apart from pretraining
+    kernels = events["progress"][0]["kernels"]  # the first record says what runs
+    assert kernels["compiled"] is False and kernels["fp8"] is False and kernels["slow_fallbacks"] == []
+    assert all("kernels" not in p for p in events["progress"][1:])
     # resuming a finished run does no more steps
     again = sft(cfg)
     assert again.step == 40 and again.losses == []

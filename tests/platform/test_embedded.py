@@ -69,6 +69,7 @@ def test_ncp_demo_end_to_end(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:] + _logs(home)
     assert "starting the platform" in out
+    assert f"web console http://127.0.0.1:{env['NCP_API_PORT']}/console/" in out
     lines = out.splitlines()
     you = next(i for i, line in enumerate(lines) if line.startswith("You: "))
     model, _, reply = lines[you + 1].partition(": ")

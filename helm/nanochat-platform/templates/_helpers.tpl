@@ -37,12 +37,23 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- default (printf "%s-home" (include "ncp.fullname" .)) .Values.persistence.existingClaim -}}
 {{- end -}}
 
-{{- define "ncp.databaseUrl" -}}
+{{/* Registry connection as NCP_* env. Bundled Postgres: separate fields, the URL is built (and
+percent-quoted) by shared/settings.py, the one place for compose and the chart alike, so the
+password may hold any character. External: the URL as given. Secret values only (.secret). */}}
+{{- define "ncp.databaseSecretEnv" -}}
 {{- if .Values.postgresql.enabled -}}
-{{- $pw := required "postgresql.password is required when postgresql.enabled (or use externalDatabase.url)" .Values.postgresql.password -}}
-{{- printf "postgresql+psycopg://%s:%s@%s-postgres:5432/%s" .Values.postgresql.user (urlquery $pw) (include "ncp.fullname" .) .Values.postgresql.database -}}
+NCP_DB_PASSWORD: {{ required "postgresql.password is required when postgresql.enabled (or use externalDatabase.url)" .Values.postgresql.password | quote }}
 {{- else -}}
-{{- required "externalDatabase.url is required when postgresql.enabled=false" .Values.externalDatabase.url -}}
+NCP_DATABASE_URL: {{ required "externalDatabase.url is required when postgresql.enabled=false" .Values.externalDatabase.url | quote }}
+{{- end -}}
+{{- end -}}
+
+{{- define "ncp.databaseConfigEnv" -}}
+{{- if .Values.postgresql.enabled -}}
+NCP_DB_HOST: {{ printf "%s-postgres" (include "ncp.fullname" .) | quote }}
+NCP_DB_PORT: "5432"
+NCP_DB_USER: {{ .Values.postgresql.user | quote }}
+NCP_DB_NAME: {{ .Values.postgresql.database | quote }}
 {{- end -}}
 {{- end -}}
 
@@ -71,6 +82,22 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- define "ncp.homeMount" -}}
 - name: ncp-home
   mountPath: {{ .Values.persistence.home }}
+{{- end -}}
+
+{{/* gpu.supplementalGroups: the NUMERIC GIDs owning /dev/kfd and /dev/dri on the GPU nodes. Required
+with the AMD resource (a non-root pod cannot open the devices without them); names fail here. */}}
+{{- define "ncp.gpuGroups" -}}
+{{- $groups := .Values.gpu.supplementalGroups | default list -}}
+{{- $usesGpus := or (gt (int (default 0 .Values.workers.train.gpus)) 0) (gt (int (default 0 .Values.workers.eval.gpus)) 0) .Values.inference.enabled .Values.multinode.enabled -}}
+{{- if and $usesGpus (eq .Values.gpu.resource "amd.com/gpu") (not $groups) -}}
+{{- fail "gpu.supplementalGroups is required with gpu.resource=amd.com/gpu: the numeric GIDs of the video and render groups on the GPU nodes (`getent group video render` prints name:x:GID:members), e.g. --set gpu.supplementalGroups='{44,110}'" -}}
+{{- end -}}
+{{- range $groups -}}
+{{- if not (or (kindIs "float64" .) (kindIs "int64" .) (kindIs "int" .)) -}}
+{{- fail (printf "gpu.supplementalGroups: %q is not a number: give the numeric GIDs of the video and render groups on the GPU nodes (`getent group video render`)" (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson ($groups | default list) -}}
 {{- end -}}
 
 {{- define "ncp.gpuEnv" -}}

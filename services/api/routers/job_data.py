@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette.sse import EventSourceResponse
 
+from services.api import metrics_series
 from services.api.deps import AuthDep, SessionDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError
@@ -113,20 +114,114 @@ def job_events(
 
 
 # --- metrics, checkpoints, evals, artifacts ------------------------------------------------------
-@router.get("/metrics", response_model=MetricsPublic, responses=_ERRORS, summary="Metric time series")
+@router.get(
+    "/metrics",
+    response_model=MetricsPublic,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "The whole run's series: paged raw rows (default) or, with ?points=N, each "
+            "series downsampled on the server. With `Accept: text/event-stream`, a live SSE stream of "
+            "rows recorded after ?after_id= (event `metrics`, id = newest row id), ending with `end` "
+            "once the job has finished.",
+            "content": {"text/event-stream": {}},
+        },
+    },
+    summary="Metric time series (paged, downsampled or live)",
+)
 def job_metrics(
+    request: Request,
     job_id: str,
     session: SessionDep,
     _auth: AuthDep,
     name: Annotated[list[str] | None, Query(description="Only these series (repeatable)")] = None,
     stage: Annotated[str | None, Query()] = None,
-    after_step: Annotated[int | None, Query()] = None,
-) -> MetricsPublic:
+    after_step: Annotated[int | None, Query(ge=-1)] = None,
+    points: Annotated[
+        int | None,
+        Query(
+            ge=metrics_series.MIN_POINTS,
+            le=metrics_series.MAX_POINTS,
+            description="Downsample every stage/series to at most this many points (min/max per bucket)",
+        ),
+    ] = None,
+    cursor: Annotated[str | None, Query(description="paged: next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=metrics_series.MAX_PAGE_ROWS)] = metrics_series.MAX_PAGE_ROWS,
+    after_id: Annotated[int, Query(ge=0, description="live stream: rows after this row id")] = 0,
+    accept: Annotated[str | None, Header()] = None,
+) -> Any:
     registry.get_job(session, job_id)
-    series: dict[str, list[MetricPoint]] = {}
-    for m in registry.get_metrics(session, job_id, names=name, stage=stage, after_step=after_step):
-        series.setdefault(m.name, []).append(MetricPoint(step=m.step, value=m.value, stage=m.stage, ts=m.ts))
-    return MetricsPublic(job_id=job_id, series=series)
+    flt = metrics_series.MetricFilter(job_id, tuple(name) if name else None, stage, after_step)
+    if accept and "text/event-stream" in accept:
+        session.close()  # the stream polls with its own short sessions
+        return EventSourceResponse(_metrics_stream(request, flt, after_id), ping=15)
+    if points is not None and cursor is not None:
+        raise ApiError(
+            422, "validation_error", "give either points (downsampled) or cursor (paged)", "cursor"
+        )
+    sizes = metrics_series.series_sizes(session, flt)
+    rows = metrics_series.row_counts(sizes)
+    if points is not None:
+        kept, last_id = metrics_series.downsample(session, flt, points, sizes)
+        return MetricsPublic(
+            job_id=job_id, mode="downsampled", series=_points(kept), rows=rows, points=points, last_id=last_id
+        )
+    try:
+        page, next_cursor = metrics_series.read_page(session, flt, cursor, limit)
+    except metrics_series.CursorError as e:
+        raise ApiError(422, "validation_error", str(e), "cursor") from None
+    return MetricsPublic(
+        job_id=job_id, mode="paged", series=_points(page), rows=rows, next_cursor=next_cursor
+    )
+
+
+def _points(rows: list[metrics_series.Row]) -> dict[str, list[MetricPoint]]:
+    return {
+        name: [MetricPoint(step=r.step, value=r.value, stage=r.stage, ts=r.ts) for r in group]
+        for name, group in metrics_series.group_by_name(rows).items()
+    }
+
+
+def _poll_metrics(
+    sessions: sessionmaker[Session], flt: metrics_series.MetricFilter, after_id: int
+) -> tuple[list[metrics_series.Row], bool]:
+    # Status before rows, as in _poll_events: a poll that sees the job finished saw its last rows.
+    with session_scope(sessions) as s:
+        terminal = registry.get_job(s, flt.job_id).is_terminal
+        rows = metrics_series.rows_after(s, flt, after_id)
+    return rows, terminal
+
+
+async def _metrics_stream(
+    request: Request, flt: metrics_series.MetricFilter, after_id: int
+) -> AsyncIterator[dict[str, Any]]:
+    sessions = request.app.state.session_factory
+    interval: float = request.app.state.sse_poll_seconds
+    last_event_id = request.headers.get("last-event-id", "")
+    if last_event_id.isdigit():  # a reconnecting client resumes after the last rows it got
+        after_id = max(after_id, int(last_event_id))
+    while True:
+        try:
+            rows, terminal = await to_thread.run_sync(_poll_metrics, sessions, flt, after_id)
+        except Exception as e:  # registry gone mid-stream: say so and end cleanly
+            yield {
+                "event": "error",
+                "data": json.dumps(
+                    {"code": "database_unavailable", "message": f"{type(e).__name__}: {e}"[:500]}
+                ),
+            }
+            return
+        if rows:
+            after_id = rows[-1].id
+            points = [{"stage": r.stage, "name": r.name, "step": r.step, "value": r.value} for r in rows]
+            yield {"id": str(after_id), "event": "metrics", "data": json.dumps({"points": points})}
+            continue
+        if terminal:
+            yield {"event": "end", "data": json.dumps({"job_id": flt.job_id})}
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(interval)
 
 
 @router.get("/checkpoints", response_model=CheckpointsPublic, responses=_ERRORS, summary="Checkpoints")

@@ -1,10 +1,12 @@
 """`ncp demo`: the whole pipeline end to end on this machine, in a few minutes on a CPU.
 
-Starts `ncp up` in the background (or reuses a running platform), submits the tiny demo pipeline
+Starts `ncp up` in the background (or reuses a running platform), prints the web console's URL,
+submits the tiny demo pipeline
 (offline demo corpus, small tokenizer, tiny model, short pretraining, base eval on the fixture
 CORE bundle, short SFT, chat eval on fixture tasks, export, serve), follows it with a live
 progress line, then asks the served model a question over the OpenAI-compatible API and prints
-the answer, the eval numbers and where the report is. Exits non-zero if any of it failed.
+the answer, the eval numbers and where the report is. Exits non-zero if any of it failed. With
+`--console` it only starts the platform and waits, for a person to run the demo in the browser.
 """
 
 from __future__ import annotations
@@ -30,7 +32,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leave the platform running afterwards when the demo started it",
     )
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="start the platform and wait: run the demo from the web console (Ctrl-C stops)",
+    )
     p.set_defaults(func=run)
+
+
+def console_url(settings: Any) -> str:
+    return f"{settings.api_url}/console/"
+
+
+def wait_in_console(console: str, settings: Any, started: subprocess.Popen | None) -> int:
+    """Leave the demo to the browser: New job (the demo preset), watch it, then Chat."""
+    sign_in = " (sign in with NCP_API_TOKEN)" if settings.api_token else ""
+    print(
+        f"ncp demo: the platform is up. Open {console}{sign_in}, choose New job (preset demo), submit, "
+        "watch it run, then chat with the model on the Chat page. Ctrl-C stops.",
+        flush=True,
+    )
+    try:
+        while started is None or started.poll() is None:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _headers(settings: Any) -> dict[str, str]:
@@ -195,13 +222,19 @@ def run(args: argparse.Namespace) -> int:
                         print("ncp demo: the API did not come up within 120s", file=sys.stderr)
                         return 1
                     time.sleep(0.5)
+            console = console_url(settings)
+            if args.console:
+                return wait_in_console(console, settings, started)
+            print(f"ncp demo: web console {console} (watch the job there)", flush=True)
             spec = demo_spec().model_dump(mode="json")
             r = client.post(f"{settings.api_url}/jobs", json=spec, headers=_headers(settings), timeout=30)
             if r.status_code != 202:
                 print(f"ncp demo: POST /jobs answered {r.status_code}: {r.text[:500]}", file=sys.stderr)
                 return 1
             job_id = r.json()["id"]
-            print(f"ncp demo: job {job_id} submitted; following it", flush=True)
+            print(
+                f"ncp demo: job {job_id} submitted; following it (live: {console}jobs/{job_id})", flush=True
+            )
             job = follow(client, settings, job_id, args.timeout)
             if job["status"] != "succeeded":
                 err = job.get("error") or {}

@@ -1,7 +1,8 @@
 """`ncp jobs submit|list|status|watch|logs|cancel|resume`: the job API from the command line.
 
 Talks to Settings.api_url with the bearer token from NCP_API_TOKEN. `watch` (and `submit --wait`)
-follows the job's SSE event stream and redraws one progress line.
+follows the job's SSE event stream with progress bars (services/cli/watch_view.py); `logs -f`
+follows the stage logs by byte offset.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from services.api.client import TERMINAL, ApiClientError, JobsClient, progress_line
+from services.cli import human
 
 
 def _client(args: argparse.Namespace) -> JobsClient:
@@ -83,15 +86,49 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+TRAINING_STAGES = ("pretrain", "sft")
 # How long `follow` waits, once the job has finished, for the event stream to deliver its last events.
 END_GRACE_SECONDS = 5.0
 
 
 def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float = 1.0) -> dict[str, Any]:
-    """Print events as they stream in and a live progress line until the job finishes; returns it."""
+    """Follow the job until it finishes and return it: events as they stream in, and live progress
+    (rich progress bars on a terminal, one plain line per change elsewhere)."""
     out = out or sys.stdout
-    tty = out.isatty()
+    if out.isatty():
+        from rich.console import Console
+
+        from services.cli.watch_view import WatchView
+
+        with WatchView(Console(file=out)) as view:
+            return _follow(client, job_id, view.event, view.update, poll_seconds)
+
+    last = {"line": "", "kernels": ""}
+
+    def on_job(job: dict[str, Any], kernels: dict[str, dict[str, Any]]) -> None:
+        report = human.kernel_report(job, kernels)
+        line = human.kernel_line(report) if report else ""
+        if line and line != last["kernels"]:
+            last["kernels"] = line
+            print(f"kernels: {line}", file=out)
+        line = progress_line(job)
+        if line != last["line"]:
+            print(line, file=out, flush=True)
+            last["line"] = line
+
+    return _follow(client, job_id, lambda line: print(line, file=out), on_job, poll_seconds)
+
+
+def _follow(
+    client: JobsClient,
+    job_id: str,
+    on_event: Callable[[str], None],
+    on_job: Callable[[dict[str, Any], dict[str, dict[str, Any]]], None],
+    poll_seconds: float,
+) -> dict[str, Any]:
     events: queue.Queue[Any] = queue.Queue()
+    kernels: dict[str, dict[str, Any]] = {}
+    kernels_checked = 0.0
 
     def reader() -> None:
         try:
@@ -102,7 +139,7 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
         events.put(None)
 
     threading.Thread(target=reader, daemon=True, name="sse-reader").start()
-    last_line, stream_done = "", False
+    stream_done = False
     finished_at: float | None = None
     while True:
         while True:
@@ -113,26 +150,24 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
             if item is None:
                 stream_done = True
             elif isinstance(item, ApiClientError):
-                print(
-                    f"\n(event stream: {item}; polling instead)" if tty else f"(event stream: {item})",
-                    file=out,
-                )
+                on_event(f"(event stream: {item}; polling instead)")
             elif item.event == "error":
-                print(("\n" if tty else "") + f"(event stream error: {item.data})", file=out)
+                on_event(f"(event stream error: {item.data})")
             elif item.event != "end":
                 ev = item.json()
                 stage = f"[{ev['stage']}] " if ev.get("stage") else ""
-                print(("\r\033[K" if tty else "") + f"{ev['ts'][11:19]} {stage}{ev['message']}", file=out)
-                last_line = ""
+                on_event(f"{ev['ts'][11:19]} {stage}{ev['message']}")
         job = client.get(job_id)
-        line = progress_line(job)
-        if line != last_line:
-            print(f"\r\033[K{line}" if tty else line, end="" if tty else "\n", file=out, flush=True)
-            last_line = line
+        current = job.get("current_stage")
+        if current in TRAINING_STAGES and current not in kernels and time.monotonic() - kernels_checked > 5.0:
+            kernels_checked = time.monotonic()  # the trainer writes it once, with its first step
+            try:
+                kernels = client.kernels(job_id)
+            except ApiClientError:
+                pass  # an API without the route, or a blip: the line just stays empty
+        on_job(job, kernels)
         if job["status"] in TERMINAL:
             if stream_done and events.empty():
-                if tty:
-                    print(file=out)
                 return job
             if finished_at is None:
                 finished_at = time.monotonic()
@@ -213,6 +248,8 @@ def _watch(client: JobsClient, args: argparse.Namespace) -> int:
 
 
 def _logs(client: JobsClient, args: argparse.Namespace) -> int:
+    if args.follow:
+        return follow_logs(client, args.job_id, file=args.file)
     logs = client.logs(args.job_id, lines=args.lines, file=args.file)
     if not logs:
         print("(no log files yet)")
@@ -221,6 +258,36 @@ def _logs(client: JobsClient, args: argparse.Namespace) -> int:
             print(f"==> {name} <==")
         print(text)
     return 0
+
+
+def follow_logs(
+    client: JobsClient, job_id: str, file: str | None = None, out: Any = None, poll_seconds: float = 1.0
+) -> int:
+    """Print the job's log lines as they are written (each once, from about the last 64 KiB of each
+    file on), picking up the log of every stage that starts, until the job has finished."""
+    out = out or sys.stdout
+    offsets: dict[str, int] = {}
+    current: str | None = None
+    while True:
+        job = client.get(job_id)  # status first: a finished job's logs are complete when read next
+        names = [file] if file else sorted(client.logs(job_id, lines=1))
+        for name in names:
+            try:
+                chunk = client.log_chunk(job_id, name, offsets.get(name))
+            except ApiClientError as e:
+                if e.status == 404:
+                    continue  # that stage's log does not exist yet
+                raise
+            offsets[name] = chunk["next_offset"]
+            if not chunk["text"]:
+                continue
+            if not file and name != current:
+                print(f"==> {name} <==", file=out)
+                current = name
+            print(chunk["text"], end="", file=out, flush=True)
+        if job["status"] in TERMINAL:
+            return 0
+        time.sleep(poll_seconds)
 
 
 def _cancel(client: JobsClient, args: argparse.Namespace) -> int:
@@ -281,7 +348,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lg = sub.add_parser("logs", help="tail of the job's log files")
     lg.add_argument("job_id")
     lg.add_argument("--lines", type=int, default=200)
-    lg.add_argument("--file", help="one log file, e.g. train.log")
+    lg.add_argument("--file", help="one log file, e.g. pretrain.log")
+    lg.add_argument(
+        "-f", "--follow", action="store_true", help="print new lines as they are written until the job ends"
+    )
     lg.set_defaults(func=_run(_logs))
 
     c = sub.add_parser("cancel", help="cancel a job")

@@ -1,18 +1,48 @@
-"""`ncp reconciler`: re-enqueue jobs the registry says should run but no live worker holds."""
+"""`ncp reconciler`: re-enqueue jobs the registry says should run but no live worker holds.
+
+Each completed pass touches a heartbeat file; `ncp reconciler --healthcheck` (the compose health
+check) passes while the newest pass is recent, so "healthy" means "reconciling", not just "alive".
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
+
+HEARTBEAT = Path(tempfile.gettempdir()) / "ncp-reconciler.alive"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("reconciler", help="re-enqueue lost jobs; fail them after max attempts")
     p.add_argument("--once", action="store_true", help="one pass, print what was done, exit")
     p.add_argument("--interval", type=float, default=None, help="seconds between passes (default: settings)")
+    p.add_argument(
+        "--healthcheck",
+        action="store_true",
+        help=f"exit 0 if a reconciler on this host completed a pass recently ({HEARTBEAT})",
+    )
     p.set_defaults(func=run)
+
+
+def healthcheck(interval: float) -> int:
+    # Three missed passes (at least a minute) before a reconciler counts as stuck.
+    limit = max(3 * interval, 60.0)
+    try:
+        age = time.time() - HEARTBEAT.stat().st_mtime
+    except FileNotFoundError:
+        print(f"ncp reconciler: no pass completed yet ({HEARTBEAT} missing)", file=sys.stderr)
+        return 1
+    if age > limit:
+        print(f"ncp reconciler: last completed pass {age:.0f} s ago (limit {limit:.0f} s)", file=sys.stderr)
+        return 1
+    print(f"ncp reconciler: last pass {age:.0f} s ago")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from shared.settings import get_settings
 
     settings = get_settings()
+    if args.healthcheck:
+        return healthcheck(args.interval or settings.reconcile_interval_seconds)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ReconcileConfig.from_settings(settings)
     if args.interval is not None:
@@ -31,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return enqueue_job(job_id, settings)
 
     def report(actions: list) -> None:
+        HEARTBEAT.touch()
         for a in actions:
             print(
                 f"reconciler: job {a.job_id} {a.action}"

@@ -2,7 +2,11 @@
 
 The common TrainConfig fields have flags (`--depth 4`, `--num-iterations 100`); any field can be
 set with `--set FIELD=VALUE` (`--set compile=false`). Flags override the JSON config. torch is
-imported only when the command runs, so `ncp` stays light for the other commands. The first Ctrl-C saves a checkpoint and stops; a second one aborts.
+imported only when the command runs, so `ncp` stays light for the other commands. The first Ctrl-C
+saves a checkpoint and stops; a second one aborts. The first progress line is preceded by the
+kernel report (attention kernels, compile, dtype, FP8, device) and a WARNING line per slow
+fallback. `--progress-file` also appends every record as a JSON line, in the training child's
+progress.jsonl format, for scripts (bench/gpu_check.py compares resumed losses with it).
 For multi-GPU runs use torchrun with `python -m services.train_worker.entry pretrain`.
 """
 
@@ -11,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 # Flags for the fields people set most; everything else goes through --set.
 COMMON_FIELDS = (
@@ -45,7 +52,21 @@ def _fmt_eta(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _print_kernels(k: dict) -> None:
+    attention = ", ".join(f"{kind} {name}" for kind, name in sorted(k["attention"].items()))
+    fp8 = f"fp8 {k['fp8_formats']} ({k['fp8_layers']} layers)" if k["fp8"] else "fp8 off"
+    peak = f"peak {k['peak_flops']:.4g} FLOP/s" if k["peak_flops"] else "no peak FLOP/s (no MFU)"
+    compiled = "compiled" if k["compiled"] else "eager"
+    print(
+        f"kernels: {k['device']} | attention {attention} | {compiled} | {k['compute_dtype']} | {fp8} | {peak}"
+    )
+    for cause in k["slow_fallbacks"]:
+        print(f"WARNING: slow fallback: {cause}", flush=True)
+
+
 def _print_progress(d: dict) -> None:
+    if "kernels" in d:
+        _print_kernels(d["kernels"])
     mfu = f"{100 * d['mfu']:.1f}%" if d.get("mfu") is not None else "-"
     print(
         f"step {d['step']:>6}/{d['total_steps']} | loss {d['loss']:.4f} (raw {d['raw_loss']:.4f}) | "
@@ -69,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
         v = getattr(args, f"cfg_{name}")
         if v is not None:
             cfg_dict[name] = v
+    if args.fp8:
+        cfg_dict["fp8"] = True
     for item in args.set or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -82,6 +105,19 @@ def _run(args: argparse.Namespace) -> int:
         apply_env_defaults()
 
     stop = {"requested": False}
+    jsonl: TextIO | None = None
+    if args.progress_file:
+        Path(args.progress_file).parent.mkdir(parents=True, exist_ok=True)
+        jsonl = open(args.progress_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+
+    def record(kind: str, show: Callable[[dict], None]) -> Callable[[dict], None]:
+        def hook(d: dict) -> None:
+            if jsonl is not None:
+                jsonl.write(json.dumps({"type": kind, "time": time.time(), **d}, default=str) + "\n")
+                jsonl.flush()
+            show(d)
+
+        return hook
 
     def on_sigint(signum, frame):  # noqa: ARG001
         if stop["requested"]:
@@ -94,14 +130,20 @@ def _run(args: argparse.Namespace) -> int:
         result = train(
             cfg,
             TrainHooks(
-                on_progress=_print_progress,
-                on_eval=lambda d: print(f"step {d['step']:>6} | val bpb {d['val_bpb']:.4f}", flush=True),
-                on_checkpoint=lambda d: print(f"step {d['step']:>6} | checkpoint {d['path']}", flush=True),
+                on_progress=record("progress", _print_progress),
+                on_eval=record(
+                    "eval", lambda d: print(f"step {d['step']:>6} | val bpb {d['val_bpb']:.4f}", flush=True)
+                ),
+                on_checkpoint=record(
+                    "checkpoint", lambda d: print(f"step {d['step']:>6} | checkpoint {d['path']}", flush=True)
+                ),
                 should_stop=lambda: stop["requested"],
             ),
         )
     finally:
         signal.signal(signal.SIGINT, previous)
+        if jsonl is not None:
+            jsonl.close()
     state = "stopped" if result.stopped else "finished"
     bpb = f"{result.val_bpb:.4f}" if result.val_bpb is not None else "-"
     print(
@@ -117,6 +159,12 @@ def register(subparsers) -> None:
         p.add_argument(
             flag, dest=f"cfg_{name}", type=typ, default=None, metavar=name.upper(), help=f"TrainConfig.{name}"
         )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="train the transformer matrices in FP8 (TrainConfig.fp8; needs an FP8 GPU or torch's CPU GEMM)",
+    )
+    p.add_argument("--progress-file", metavar="PATH", help="also append every record to PATH as JSON lines")
     p.add_argument(
         "--set",
         action="append",

@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(
-        f"ncp up: API {settings.api_url}, models {settings.inference_url}, logs {log_dir}; Ctrl-C stops",
+        f"ncp up: console {settings.api_url}/console/, API {settings.api_url}, models {settings.inference_url}, "
+        f"logs {log_dir}; Ctrl-C stops",
         flush=True,
     )
     try:

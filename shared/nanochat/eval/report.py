@@ -1,10 +1,15 @@
-"""Per-run Markdown report: job summary, loss curve, eval tables, samples.
+"""Per-run Markdown report: the job as it ended, a summary table, training curves, eval tables,
+samples.
 
 Inputs are what the stages leave in the run folder: `progress.jsonl` (one JSON object per line;
-`type` progress carries step/loss, `type` eval carries val_bpb; SFT's records carry `stage` "sft",
-pretraining's none) and the results JSON files of the eval stage in `eval/`. Unreadable lines
-are skipped and counted rather than failing the report: it is written at the end of a run whose
-progress file may have been cut mid-line by a crash.
+`type` progress carries step, loss, lr multiplier, tokens/s, MFU; `type` eval carries val_bpb;
+SFT's records carry `stage` "sft", pretraining's none) and the results JSON files of the eval
+stages in `eval/`. Unreadable lines are skipped and counted rather than failing the report: it is
+written at the end of a run whose progress file may have been cut mid-line by a crash.
+
+Plots are one per stage and unit, never mixed: `<stage>_loss.png` (loss in nats per token: the raw
+per-step loss and its smoothed curve) and `<stage>_bpb.png` (validation bits per byte). Pretraining
+and SFT count their steps from 1 each, so drawing them on one axis would overlay unrelated steps.
 """
 
 from __future__ import annotations
@@ -12,68 +17,127 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.paths import RunPaths
 
+# Smoothing of the loss curve: the trainer's own (train.py EMA_BETA), debiased the same way.
+SMOOTHING = 0.9
+# The report is the job's closing stage: once it is written, the job ends with what the other
+# stages did (pipeline.py marks the job succeeded right after, or records the failure).
+REPORT_STAGE = "report"
+_DONE = ("succeeded", "skipped")
 
-def _read_progress(
-    path: Path,
-) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]], int]:
-    """(loss series per stage, val bpb series per stage, number of bad lines)."""
-    losses: dict[str, list[tuple[int, float]]] = {}
-    bpbs: dict[str, list[tuple[int, float]]] = {}
-    bad = 0
-    if not path.is_file():
-        return losses, bpbs, bad
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            stage = str(rec.get("stage", "pretrain"))  # SFT records carry stage "sft"
-            step = int(rec["step"])
-            if rec.get("type") == "progress" and _num(rec.get("loss")):
-                losses.setdefault(stage, []).append((step, float(rec["loss"])))
-            elif rec.get("type") == "eval" and _num(rec.get("val_bpb")):
-                bpbs.setdefault(stage, []).append((step, float(rec["val_bpb"])))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            bad += 1
-    return losses, bpbs, bad
+
+@dataclass
+class StageCurves:
+    """One training stage's series, one value per step (a resumed run's repeated steps overwrite)."""
+
+    loss: dict[int, float] = field(default_factory=dict)  # raw per-step training loss
+    lr_mult: dict[int, float] = field(default_factory=dict)
+    tokens_per_sec: dict[int, float] = field(default_factory=dict)
+    mfu: dict[int, float] = field(default_factory=dict)
+    val_bpb: dict[int, float] = field(default_factory=dict)
+    train_seconds: float | None = None
+    total_steps: int | None = None
 
 
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _plot(losses, bpbs, out: Path) -> bool:
-    if not losses and not bpbs:
-        return False
-    import matplotlib
+def read_progress(path: Path) -> tuple[dict[str, StageCurves], int]:
+    """(curves per stage, number of unreadable lines)."""
+    stages: dict[str, StageCurves] = {}
+    bad = 0
+    if not path.is_file():
+        return stages, bad
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            kind = rec.get("type")
+            if kind not in ("progress", "eval"):
+                continue
+            cur = stages.setdefault(str(rec.get("stage", "pretrain")), StageCurves())
+            step = int(rec["step"])
+            if kind == "eval":
+                if _num(rec.get("val_bpb")):
+                    cur.val_bpb[step] = float(rec["val_bpb"])
+                continue
+            # Pretraining reports the smoothed loss as `loss` and the step's own as `raw_loss`.
+            raw = rec.get("raw_loss", rec.get("loss"))
+            for series, value in (
+                (cur.loss, raw),
+                (cur.lr_mult, rec.get("lr_mult")),
+                (cur.tokens_per_sec, rec.get("tokens_per_sec")),
+                (cur.mfu, rec.get("mfu")),
+            ):
+                if _num(value):
+                    series[step] = float(value)
+            if _num(rec.get("total_training_seconds")):
+                cur.train_seconds = float(rec["total_training_seconds"])
+            if isinstance(rec.get("total_steps"), int):
+                cur.total_steps = rec["total_steps"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            bad += 1
+    return stages, bad
 
-    matplotlib.use("Agg")  # no display in workers and containers
+
+def smooth(values: list[float], beta: float = SMOOTHING) -> list[float]:
+    """Debiased exponential moving average (starts at the data, not at zero)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def _save(fig, out: Path) -> None:  # noqa: ANN001 - a matplotlib Figure
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for stage, pts in losses.items():
-        pts = sorted(pts)
-        ax.plot([s for s, _ in pts], [v for _, v in pts], label=f"{stage} loss")
-    for stage, pts in bpbs.items():
-        pts = sorted(pts)
-        ax.plot([s for s, _ in pts], [v for _, v in pts], "o--", label=f"{stage} val bpb")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats) / bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, out)
-    return True
 
 
-def _latest(eval_dir: Path, kind: str) -> dict | None:
+def plot_stage(stage: str, curves: StageCurves, out_dir: Path) -> list[tuple[str, str]]:
+    """Write `<stage>_loss.png` and `<stage>_bpb.png` (what has data); returns (title, file name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in workers and containers
+    import matplotlib.pyplot as plt
+
+    written = []
+    if curves.loss:
+        steps = sorted(curves.loss)
+        raw = [curves.loss[s] for s in steps]
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+        ax.plot(steps, raw, color="#93c5fd", linewidth=0.8, label="per step")
+        ax.plot(steps, smooth(raw), color="#1d4ed8", linewidth=2, label=f"smoothed (EMA {SMOOTHING})")
+        ax.set(xlabel=f"{stage} step", ylabel="loss (nats per token)", title=f"{stage}: training loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        _save(fig, out_dir / f"{stage}_loss.png")
+        written.append((f"{stage} training loss", f"{stage}_loss.png"))
+    if curves.val_bpb:
+        steps = sorted(curves.val_bpb)
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+        ax.plot(steps, [curves.val_bpb[s] for s in steps], "o-", color="#dc2626")
+        ax.set(xlabel=f"{stage} step", ylabel="bits per byte", title=f"{stage}: validation bits per byte")
+        ax.grid(alpha=0.3)
+        _save(fig, out_dir / f"{stage}_bpb.png")
+        written.append((f"{stage} validation bpb", f"{stage}_bpb.png"))
+    return written
+
+
+def latest_eval(eval_dir: Path, kind: str) -> dict | None:
+    """The newest (highest step) `{kind}_eval_<step>.json` result in `eval_dir`, or None."""
     best = None
     for p in sorted(eval_dir.glob(f"{kind}_eval_*.json")):
         try:
@@ -89,17 +153,85 @@ def _fmt(x, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if _num(x) else "-"
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not _num(seconds):
+        return "-"
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
+
+
+def final_state(job: dict) -> dict:
+    """The job as it ends. The report stage runs while the job is still `running`; when every
+    other stage is done, the job ends `succeeded` as soon as this report is written, so that is
+    what the report says (a failed or cancelled job's status is kept as it is)."""
+    stages = job.get("stages")
+    if job.get("status") != "running" or not isinstance(stages, dict):
+        return job
+    others = {k: v for k, v in stages.items() if k != REPORT_STAGE}
+    if not all(v in _DONE for v in others.values()):
+        return job
+    return {**job, "status": "succeeded", "stages": {**stages, REPORT_STAGE: "succeeded"}}
+
+
 def _job_section(job: dict | None) -> list[str]:
     if not job:
         return []
+    job = final_state(job)
     lines = ["## Job", "", "| field | value |", "| --- | --- |"]
     for k, v in job.items():
         if isinstance(v, (dict, list)):
             continue
         lines.append(f"| {k} | {str(v).replace('|', '/')} |")
-    nested = {k: v for k, v in job.items() if isinstance(v, (dict, list))}
+    stages, checkpoints = job.get("stages"), job.get("checkpoints")
+    if isinstance(stages, dict) and stages:
+        lines += ["", "| stage | status |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in stages.items())]
+    if isinstance(checkpoints, list) and checkpoints:
+        lines += ["", "| checkpoint | step | val bpb |", "| --- | --- | --- |"]
+        lines += [
+            f"| {c.get('kind')} | {c.get('step')} | {_fmt(c.get('val_bpb'))} |"
+            for c in checkpoints
+            if isinstance(c, dict)
+        ]
+    # Eval numbers have their own sections below; anything else nested is shown as it is.
+    nested = {
+        k: v
+        for k, v in job.items()
+        if isinstance(v, (dict, list)) and k not in ("stages", "checkpoints", "eval")
+    }
     if nested:
         lines += ["", "```json", json.dumps(nested, indent=2, default=str), "```"]
+    return lines + [""]
+
+
+def _summary(stages: dict[str, StageCurves], base: dict | None, chat: dict | None) -> list[str]:
+    lines = ["## Summary", ""]
+    if stages:
+        lines += [
+            "| stage | steps | final loss (smoothed) | best val bpb | final val bpb | tokens/s (median) | MFU (mean) | training time |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, c in stages.items():
+            steps = sorted(c.loss)
+            final = smooth([c.loss[s] for s in steps])[-1] if steps else None
+            last_bpb = c.val_bpb[max(c.val_bpb)] if c.val_bpb else None
+            done = f"{steps[-1]:,}" + (f" / {c.total_steps:,}" if c.total_steps else "") if steps else "-"
+            tps = statistics.median(c.tokens_per_sec.values()) if c.tokens_per_sec else None
+            mfu = f"{100 * statistics.fmean(c.mfu.values()):.1f}%" if c.mfu else "-"
+            lines.append(
+                f"| {name} | {done} | {_fmt(final)} | {_fmt(min(c.val_bpb.values()) if c.val_bpb else None)} "
+                f"| {_fmt(last_bpb)} | {f'{tps:,.0f}' if tps else '-'} | {mfu} | {_duration(c.train_seconds)} |"
+            )
+    else:
+        lines.append("- no training progress recorded")
+    headline = []
+    if base:
+        headline.append(
+            f"| base model (step {base.get('step')}) | val bpb {_fmt(base.get('val_bpb'))} | CORE {_fmt((base.get('core') or {}).get('core'))} |"
+        )
+    if chat:
+        headline.append(f"| chat model (step {chat.get('step')}) | ChatCORE {_fmt(chat.get('chatcore'))} | |")
+    if headline:
+        lines += ["", "| model | | |", "| --- | --- | --- |", *headline]
     return lines + [""]
 
 
@@ -152,32 +284,23 @@ def _samples(samples, title: str) -> list[str]:
 
 
 def write_report(run_dir, job: dict | None = None) -> Path:
-    """Write run_dir/report/report.md (and loss.png when there is anything to plot)."""
+    """Write run_dir/report/report.md and one plot per stage and unit (what has data)."""
     paths = RunPaths(Path(run_dir))
     if not paths.root.is_dir():
         raise FileNotFoundError(f"run_dir: {paths.root} is not a directory")
     paths.report.mkdir(parents=True, exist_ok=True)
-    losses, bpbs, bad = _read_progress(paths.progress_file)
-    has_plot = _plot(losses, bpbs, paths.report / "loss.png")
+    stages, bad = read_progress(paths.progress_file)
+    base, chat = latest_eval(paths.eval, "base"), latest_eval(paths.eval, "chat")
     title = (job or {}).get("name") or (job or {}).get("id") or paths.root.name
     lines = [f"# Run report: {title}", ""]
     lines += _job_section(job)
+    lines += _summary(stages, base, chat)
     lines += ["## Training", ""]
-    for stage, pts in losses.items():
-        pts = sorted(pts)
-        lines.append(
-            f"- {stage}: {len(pts)} logged steps, last step {pts[-1][0]}, first loss {_fmt(pts[0][1])}, last loss {_fmt(pts[-1][1])}"
-        )
-    for stage, pts in bpbs.items():
-        lines.append(f"- {stage}: last val bpb {_fmt(sorted(pts)[-1][1])} (step {sorted(pts)[-1][0]})")
+    for name, curves in stages.items():
+        for caption, file in plot_stage(name, curves, paths.report):
+            lines += [f"![{caption}]({file})", ""]
     if bad:
-        lines.append(f"- {bad} unreadable line(s) in progress.jsonl skipped")
-    if has_plot:
-        lines += ["", "![loss curve](loss.png)"]
-    elif not losses:
-        lines.append("- no training progress recorded")
-    lines.append("")
-    base, chat = _latest(paths.eval, "base"), _latest(paths.eval, "chat")
+        lines += [f"- {bad} unreadable line(s) in progress.jsonl skipped", ""]
     if base:
         lines += _base_section(base)
     if chat:
