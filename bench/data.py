@@ -1,9 +1,13 @@
 """Data-path benchmark: tokenizer training time and pretraining-loader throughput.
 
 Run: .venv/bin/python bench/data.py [--vocab-size 32768] [--batches 40] [--seq-len 2048]
+     .venv/bin/python bench/data.py --quick      (a smoke run: small corpus, vocab, rounds)
 
 Everything is measured in this run on the offline demo corpus (text shipped with Python):
-  * tokenizer training time (default vocab 32768 and a small one) on the fixed corpus;
+  * tokenizer training time, side by side on the same corpus and vocab, rounds interleaved:
+    upstream nanochat's trainer (rustbpe, then its tiktoken Encoding), ours (rustbpe, then the
+    conversion to a `tokenizers` tokenizer with the same ids), and the `tokenizers` BpeTrainer the
+    platform used before, for reference; plus a check that ours gives tiktoken's ids;
   * PretrainLoader tokens/s (background thread + Rust batch encoder + bisect best-fit) against a
     single-threaded baseline measured side by side: per-document encode on the calling thread and
     the reference's linear best-fit scan over the buffer;
@@ -29,7 +33,7 @@ import torch  # noqa: E402
 from shared.nanochat.corpus import iter_shard_texts, split_shards  # noqa: E402
 from shared.nanochat.dataloader import LoaderConfig, PretrainLoader, document_stream  # noqa: E402
 from shared.nanochat.demo_corpus import write_demo_corpus  # noqa: E402
-from shared.nanochat.tokenizer import train_tokenizer  # noqa: E402
+from shared.nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, capped_texts, train_tokenizer  # noqa: E402
 
 NEED_1_GPU = 68_000  # tokens/s, d24 on one MI300X (seed document)
 
@@ -71,6 +75,66 @@ def baseline_batches(data_dir, tok, B, T, buffer_size=1000):
         yield t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
+def upstream_train(texts, vocab_size):
+    """nanochat's tok_train.py: documents capped at 10,000 chars, RustBPETokenizer.train_from_iterator
+    (rustbpe, then a tiktoken Encoding)."""
+    import rustbpe
+    import tiktoken
+
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(capped_texts(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    ranks = {bytes(k): v for k, v in trainer.get_mergeable_ranks()}
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(), mergeable_ranks=ranks,
+                             special_tokens=specials)  # fmt: skip
+
+
+def tokenizers_train(texts, vocab_size):
+    """The trainer the platform used before: `tokenizers`' BpeTrainer on the same pipeline."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), min_frequency=0, show_progress=False,
+                                  special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(capped_texts(texts), trainer=trainer)
+    return tok
+
+
+def tokenizer_table(texts, vocab_sizes, rounds: int) -> None:
+    chars = sum(map(len, texts))
+    trainers = {
+        "upstream: rustbpe + tiktoken Encoding": upstream_train,
+        "ours: rustbpe + conversion (train_tokenizer)": train_tokenizer,
+        "before: tokenizers BpeTrainer": tokenizers_train,
+    }
+    print(f"| tokenizer training, {len(texts)} docs, {chars / 1e6:.2f}M chars, median of {rounds} | vocab "
+          "| seconds | chars/s | vs upstream |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for vocab in vocab_sizes:
+        times: dict[str, list[float]] = {name: [] for name in trainers}
+        for _ in range(rounds):  # interleaved: the machine's load spreads over all of them
+            for name, fn in trainers.items():
+                t0 = time.perf_counter()
+                fn(texts, vocab)
+                times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times[next(iter(trainers))])
+        for name, ts in times.items():
+            s = statistics.median(ts)
+            print(f"| {name} | {vocab} | {s:.2f} | {chars / s:,.0f} | {base / s:.2f}x |")
+        enc, ours = upstream_train(texts, vocab), train_tokenizer(texts, vocab)
+        sample = texts[:: max(1, len(texts) // 200)]
+        same = ours.encode(sample) == enc.encode_ordinary_batch(sample)
+        print(
+            f"| ids of ours == tiktoken's on {len(sample)} docs | {vocab} | {'yes' if same else 'NO'} | | |"
+        )
+
+
 def timed(batches, n, step_s=0.0) -> float:
     """Seconds for n batches; `step_s` of GIL-free waiting per batch stands in for the GPU step
     (a CUDA training step mostly waits on the device), which a background loader overlaps."""
@@ -105,7 +169,12 @@ def main() -> int:
     ap.add_argument("--corpus-bytes", type=int, default=4_000_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--step-ms", type=float, default=50.0, help="simulated training step per batch")
+    ap.add_argument("--tokenizer-rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="smoke run: small corpus, vocab and rounds")
     args = ap.parse_args()
+    if args.quick:
+        args.vocab_size, args.batches, args.rounds, args.tokenizer_rounds = 2048, 4, 1, 1
+        args.corpus_bytes, args.seq_len, args.step_ms = 300_000, 256, 5.0
     torch.set_num_threads(1)
     B, T = args.batch_size, args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,22 +184,12 @@ def main() -> int:
         corpus_s = time.perf_counter() - t0
         train, _ = split_shards(data)
         texts = list(iter_shard_texts(train))
-        chars = sum(map(len, texts))
         print(
             f"corpus: {rep.docs} docs, {rep.bytes / 1e6:.2f} MB, written in {corpus_s:.2f}s; cores: {os.cpu_count()}"
         )
         print()
-        print("| tokenizer training | vocab | seconds | chars/s |")
-        print("| --- | --- | --- | --- |")
-        toks = {}
-        for vocab in sorted({512, args.vocab_size}):
-            t0 = time.perf_counter()
-            toks[vocab] = train_tokenizer(texts, vocab_size=vocab)
-            s = time.perf_counter() - t0
-            print(
-                f"| {len(texts)} docs, {chars / 1e6:.2f}M chars | {toks[vocab].vocab_size} | {s:.2f} | {chars / s:,.0f} |"
-            )
-        tok = toks[args.vocab_size]
+        tokenizer_table(texts, sorted({512, args.vocab_size}), args.tokenizer_rounds)
+        tok = train_tokenizer(texts, vocab_size=args.vocab_size)
         print()
         need = {"1x MI300X": NEED_1_GPU, "8x MI300X (one process)": 8 * NEED_1_GPU}
         print(

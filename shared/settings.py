@@ -88,7 +88,10 @@ class Settings(BaseSettings):
     vllm_python: str | None = Field(
         default=None, description="Python of a virtualenv with vLLM (it pins its own torch)"
     )
-    vllm_gpu_memory_utilization: float = 0.9
+    vllm_gpu_memory_utilization: float | None = Field(
+        default=None,
+        description="vLLM --gpu-memory-utilization; unset: vLLM's default on a GPU, a KV-cache size on CPU",
+    )
     vllm_max_model_len: int | None = None
     vllm_dtype: str = Field(default="auto", description="vLLM --dtype (auto = config.json's torch_dtype)")
     vllm_extra_args: str = Field(
@@ -140,8 +143,8 @@ class Settings(BaseSettings):
 
     @field_validator("vllm_gpu_memory_utilization")
     @classmethod
-    def _util(cls, v: float) -> float:
-        if not 0 < v <= 1:
+    def _util(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {v}")
         return v
 
@@ -175,6 +178,10 @@ class Settings(BaseSettings):
     @property
     def serving_dir(self) -> Path:
         return self.home / "serving"
+
+    @property
+    def models_dir(self) -> Path:  # imported models (ncp import nanochat), one folder per name
+        return self.home / "models"
 
     @property
     def queues(self) -> list[str]:

@@ -5,9 +5,12 @@ Layout (MODEL_SPEC "SFT"): `<|bos|>`, then per turn `<|user_start|>text<|user_en
 (`system + "\\n\\n" + user`). The loss mask is 1 on what the assistant must learn to write
 (its text, python calls with their delimiters, `<|assistant_end|>`), 0 on everything given to it.
 
-`CHAT_TEMPLATE` renders the same conversation as text with the specials spelled out; tokenizing
-that text with the saved tokenizer.json (which matches specials) gives exactly
-`render_for_completion`'s ids, so vLLM / transformers prompts equal what SFT trained on.
+Assistant content given as a list of parts is BPE-encoded part by part for SFT, as upstream does
+(`render_conversation`). `CHAT_TEMPLATE` renders a conversation as text with the specials spelled
+out, so a server tokenizes adjacent text parts as one string; `render_for_completion` (serving
+and chat-eval prompts) therefore merges adjacent text parts first, on purpose, so that its ids
+equal what vLLM / transformers make of the template. The two differ only for an assistant turn
+with two text parts in a row inside a prompt's history, which upstream's tasks never produce.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def _messages(conversation: dict | list[dict]) -> list[dict]:
     return messages
 
 
-def normalize_messages(conversation: dict | list[dict]) -> list[dict]:
-    """Validate roles and contents; merge a leading system message into the first user turn.
+def normalize_messages(conversation: dict | list[dict], *, merge_text: bool = False) -> list[dict]:
+    """Validate roles and contents; merge a leading system message into the first user turn;
+    with `merge_text`, join adjacent assistant text parts (as the chat template renders them).
 
     Returns a new list alternating user/assistant starting with user; errors name the message index.
     """
@@ -93,13 +97,13 @@ def normalize_messages(conversation: dict | list[dict]) -> list[dict]:
                 raise ValueError(f"message {i} (user) content must be a string")
             out.append({"role": "user", "content": prefix + content if not out else content})
         else:
-            out.append({"role": "assistant", "content": _assistant_parts(i, content)})
+            out.append({"role": "assistant", "content": _assistant_parts(i, content, merge_text)})
     return out
 
 
-def _assistant_parts(i: int, content: Any) -> list[dict]:
-    """Assistant content as a list of parts, adjacent text parts merged (one BPE segment, as the
-    chat template renders them)."""
+def _assistant_parts(i: int, content: Any, merge_text: bool) -> list[dict]:
+    """Assistant content as a list of parts; with `merge_text`, adjacent text parts become one
+    (one BPE segment, as the chat template renders them)."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -114,7 +118,7 @@ def _assistant_parts(i: int, content: Any) -> list[dict]:
             raise ValueError(
                 f"message {i} part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
             )
-        if part["type"] == "text" and parts and parts[-1]["type"] == "text":
+        if merge_text and part["type"] == "text" and parts and parts[-1]["type"] == "text":
             parts[-1] = {"type": "text", "text": parts[-1]["text"] + part["text"]}
         else:
             parts.append({"type": part["type"], "text": part["text"]})
@@ -124,7 +128,14 @@ def _assistant_parts(i: int, content: Any) -> list[dict]:
 def render_conversation(
     tok, conversation: dict | list[dict], max_tokens: int = 2048
 ) -> tuple[list[int], list[int]]:
-    """(ids, mask) for SFT; mask 1 marks tokens the assistant is trained to produce."""
+    """(ids, mask) for SFT; mask 1 marks tokens the assistant is trained to produce. Each
+    assistant part is encoded on its own, as upstream's render_conversation does."""
+    return _render(tok, conversation, max_tokens, merge_text=False)
+
+
+def _render(
+    tok, conversation: dict | list[dict], max_tokens: int, merge_text: bool
+) -> tuple[list[int], list[int]]:
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     ids: list[int] = []
@@ -137,7 +148,7 @@ def render_conversation(
 
     sp = tok.encode_special
     add(tok.bos_token_id, 0)
-    for message in normalize_messages(conversation):
+    for message in normalize_messages(conversation, merge_text=merge_text):
         if message["role"] == "user":
             add(sp("<|user_start|>"), 0)
             add(tok.encode(message["content"]), 0)
@@ -161,14 +172,15 @@ def render_conversation(
 
 
 def render_for_completion(tok, conversation: dict | list[dict]) -> list[int]:
-    """Prompt ids ending in `<|assistant_start|>`. A trailing assistant message (the answer of an
-    eval example) is dropped first, as in the reference."""
+    """Prompt ids ending in `<|assistant_start|>`, equal to the chat template's tokenization
+    (adjacent assistant text parts merged, see the module doc). A trailing assistant message (the
+    answer of an eval example) is dropped first, as in the reference."""
     messages = list(_messages(conversation))
     if messages[-1].get("role") == "assistant":
         messages = messages[:-1]
     if not messages:
         raise ValueError("conversation has no prompt left after dropping the final assistant message")
-    ids, _ = render_conversation(tok, messages, max_tokens=10**9)
+    ids, _ = _render(tok, messages, max_tokens=10**9, merge_text=True)
     return ids + [tok.encode_special("<|assistant_start|>")]
 
 

@@ -284,6 +284,21 @@ def load_checkpoint(
     return model_state, optim_state, meta
 
 
+def checkpoint_meta(ckpt_dir, step: int | None = None) -> dict:
+    """The meta of complete checkpoint `step` (None = newest) without loading any weights: what a
+    stage checks (model config vs tokenizer) before it starts real work."""
+    d = Path(ckpt_dir)
+    if step is None:
+        step = latest_step(d)
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {d}")
+    meta, problem = _check(d, step)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint step {step} in {d} is incomplete: {problem}")
+    assert meta is not None
+    return {**meta, "step": meta.get("step", step)}
+
+
 def model_config_from_meta(meta: dict, source: Path | str = "meta"):
     from shared.nanochat.config import GPTConfig
 
@@ -421,6 +436,10 @@ def import_reference(src_dir, dst_dir, step: int | None = None) -> list[int]:
         model_path = src / MODEL_FILE.format(step=s)
         state = normalize_model_state(_torch_load(model_path, "cpu"), model_path)
         config = model_config_from_meta(meta, src / META_FILE.format(step=s))
+        # Older upstream checkpoints predate the per-layer lambdas; upstream's loader fills them
+        # with their identity values (checkpoint_manager._patch_missing_keys), and so do we.
+        state.setdefault("resid_lambdas", torch.ones(config.n_layer))
+        state.setdefault("x0_lambdas", torch.zeros(config.n_layer))
         check_state_matches(state, config, model_path)
         optim_files = sorted(src.glob(f"optim_{s:06d}_rank*.pt"))
         for f in optim_files:
@@ -436,3 +455,60 @@ def import_reference(src_dir, dst_dir, step: int | None = None) -> list[int]:
         out_meta.update(step=s, format=FORMAT, world_size=max(len(optim_files), 1), files=files)
         _save_json(dst / META_FILE.format(step=s), out_meta)
     return steps
+
+
+def saved_world_size(ckpt_dir, step: int) -> int:
+    """How many ranks wrote the optimizer state of `step` (0 = none): our meta's world_size when
+    it lists shards, else the number of optim_<step>_rank*.pt files (reference checkpoints)."""
+    d = Path(ckpt_dir)
+    shards = list(d.glob(f"optim_{step:06d}_rank*.pt"))
+    meta_path = d / META_FILE.format(step=step)
+    files = _read_meta(meta_path).get("files") if meta_path.exists() else None
+    if isinstance(files, dict):
+        return sum(1 for n in files if n.startswith(f"optim_{step:06d}_rank"))
+    return len(shards)
+
+
+def copy_checkpoint(
+    src_dir, step: int | None, dst_dir, *, world_size: int | None = None, with_optimizer: bool = True
+) -> int:
+    """Write checkpoint `step` (None = newest complete) of `src_dir` into `dst_dir` as a complete
+    checkpoint of ours, to continue training from: the optimizer shards resharded for
+    `world_size` ranks (None = as saved), or left out (`with_optimizer=False`: weights only, the
+    trainer starts a fresh optimizer). Returns the step."""
+    from shared.nanochat.optim_reshard import group_layout, reshard_optimizer_states
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    model_state, _, meta = load_checkpoint(src, step, device="cpu")
+    step = int(meta["step"])
+    config = model_config_from_meta(meta, src / META_FILE.format(step=step))
+    check_state_matches(model_state, config, src / MODEL_FILE.format(step=step))
+    shards: list[dict] = []
+    if with_optimizer:
+        n = saved_world_size(src, step)
+        if n == 0:
+            raise CheckpointError(
+                f"{src}: checkpoint step {step} has no optimizer state; continue it weights-only "
+                "(a fresh optimizer) instead"
+            )
+        shards = [load_checkpoint(src, step, load_optimizer=True, rank=r)[1] for r in range(n)]  # type: ignore[misc]
+        m = world_size or n
+        if m != n:
+            shards = reshard_optimizer_states(shards, group_layout(config), m)
+    out_meta = {k: v for k, v in meta.items() if k not in ("files", "format", "world_size", "step")}
+    out_meta["model_config"] = config.to_dict()
+    out_meta.setdefault("copied_from", {"checkpoint_dir": str(src.resolve()), "step": step})
+    # weights-only: no shards; the ranks it is meant for still count (the trainer checks it)
+    world = len(shards) or world_size or 1
+    dst.mkdir(parents=True, exist_ok=True)
+    if (dst / META_FILE.format(step=step)).exists():
+        (dst / META_FILE.format(step=step)).unlink()
+    for stale in dst.glob(f"optim_{step:06d}_rank*.pt"):  # a previous copy with more ranks
+        stale.unlink()
+    files = {MODEL_FILE.format(step=step): _save_torch(dst / MODEL_FILE.format(step=step), model_state)}
+    for r, shard in enumerate(shards):
+        name = OPTIM_FILE.format(step=step, rank=r)
+        files[name] = _save_torch(dst / name, shard)
+    out_meta.update(step=step, format=FORMAT, world_size=world, files=files)
+    _save_json(dst / META_FILE.format(step=step), out_meta)
+    return step

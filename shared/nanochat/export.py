@@ -2,8 +2,12 @@
 native server load, and `load_exported` to rebuild our own GPT from such a folder.
 
 Folder layout:
-  config.json              architecture "NanochatForCausalLM", model_type "nanochat", every shape
-                           and constant the model needs (see `hf_config`)
+  config.json              architecture "NanochatForCausalLM", model_type "ncp_nanochat" (its own:
+                           transformers >= 5 has an unrelated built-in "nanochat"), `auto_map` to
+                           the modeling code below, every shape and constant the model needs
+  configuration_ncp_nanochat.py, modeling_ncp_nanochat.py
+                           the model for transformers (`trust_remote_code=True`), torch-only code
+                           copied from shared/nanochat/hf/; vLLM uses our plugin instead
   model.safetensors        the reference state-dict names and shapes
   tokenizer.json, tokenizer_config.json (+ special_tokens_map.json)   copied from the run
   generation_config.json   stop on <|assistant_end|> and <|bos|>
@@ -28,15 +32,29 @@ from safetensors.torch import load_file, save_file
 from shared.nanochat.config import GPTConfig
 
 ARCHITECTURE = "NanochatForCausalLM"
-MODEL_TYPE = "nanochat"
-FORMAT_VERSION = 1
+MODEL_TYPE = "ncp_nanochat"
+FORMAT_VERSION = 2  # 2: own model_type, auto_map + modeling code
+HF_CODE_DIR = Path(__file__).with_name("hf")
+CONFIG_CODE = "configuration_ncp_nanochat.py"
+MODELING_CODE = "modeling_ncp_nanochat.py"
+AUTO_MAP = {
+    "AutoConfig": f"{CONFIG_CODE[:-3]}.NanochatConfig",
+    "AutoModelForCausalLM": f"{MODELING_CODE[:-3]}.{ARCHITECTURE}",
+}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation_config.json"
 META_FILE = "export_meta.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json",)
-REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, GENERATION_FILE, META_FILE)
+REQUIRED_FILES = (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    *TOKENIZER_FILES,
+    GENERATION_FILE,
+    META_FILE,
+    CONFIG_CODE,
+    MODELING_CODE,
+)
 # Architecture constants of the reference model, written out so a server never has to guess.
 LOGIT_SOFTCAP = 15.0
 ROPE_THETA = 100000.0
@@ -54,6 +72,7 @@ def hf_config(
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
+        "auto_map": AUTO_MAP,
         **cfg.to_dict(),
         "padded_vocab_size": cfg.padded_vocab_size,
         "head_dim": cfg.head_dim,
@@ -105,17 +124,19 @@ def write_export(
     dtype: str = "bfloat16",
 ) -> Path:
     """Write an export folder for an in-memory model; atomic (temp folder + rename)."""
-    from shared.nanochat.tokenizer import Tokenizer
+    from shared.nanochat.tokenizer import Tokenizer, check_vocab_fits
 
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     for name in TOKENIZER_FILES:
         if not (tokenizer_dir / name).is_file():
             raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} has no {name}")
     tok = Tokenizer.load(tokenizer_dir)
-    if tok.vocab_size != cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer_dir} has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
-        )
+    check_vocab_fits(
+        tok,
+        cfg.vocab_size,
+        tokenizer_name=str(tokenizer_dir),
+        model_name=str((source or {}).get("checkpoint_dir", "being exported")),
+    )
     bos, eos = tok.encode_special(BOS), tok.encode_special(ASSISTANT_END)
     state = _state_dict_for_export(model)
 
@@ -127,10 +148,11 @@ def write_export(
         _write_json(
             tmp / CONFIG_FILE, hf_config(cfg, bos_token_id=bos, eos_token_ids=[eos, bos], dtype=dtype)
         )
-        for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
-        _ensure_chat_template(tmp / "tokenizer_config.json")
+        # Saved rather than copied: a tokenizer folder written before the BOS rule existed lacks
+        # its post-processor and add_bos_token (tokenizer.py); the chat template is ours.
+        tok.save(tmp)
+        for name in (CONFIG_CODE, MODELING_CODE):
+            shutil.copyfile(HF_CODE_DIR / name, tmp / name)
         _write_json(
             tmp / GENERATION_FILE,
             {"bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos},
@@ -152,16 +174,6 @@ def write_export(
     return out_dir
 
 
-def _ensure_chat_template(path: Path) -> None:
-    """Servers render chats with tokenizer_config's template: make sure it is ours."""
-    from shared.nanochat.chat_format import CHAT_TEMPLATE
-
-    config = json.loads(path.read_text())
-    if config.get("chat_template") != CHAT_TEMPLATE or config.get("eos_token") != ASSISTANT_END:
-        config.update(chat_template=CHAT_TEMPLATE, eos_token=ASSISTANT_END, bos_token=BOS)
-        _write_json(path, config)
-
-
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     # rename() can't replace a non-empty folder: move the old one aside first, then drop it.
     old = None
@@ -177,9 +189,17 @@ def export_model(
     ckpt_dir, step, tokenizer_dir, out_dir, *, served_name=None, dtype: str = "bfloat16"
 ) -> Path:
     """Export checkpoint `step` (None = newest complete) of `ckpt_dir` to `out_dir`."""
-    from shared.nanochat.checkpoint import build_model
+    from shared.nanochat.checkpoint import build_model, checkpoint_meta, model_config_from_meta
+    from shared.nanochat.tokenizer import Tokenizer, check_vocab_fits
 
-    model, meta = build_model(Path(ckpt_dir), step, device="cpu")
+    meta = checkpoint_meta(Path(ckpt_dir), step)
+    check_vocab_fits(  # before the weights are read
+        Tokenizer.load(Path(tokenizer_dir)),
+        model_config_from_meta(meta, ckpt_dir).vocab_size,
+        tokenizer_name=str(tokenizer_dir),
+        model_name=f"{ckpt_dir} step {meta['step']}",
+    )
+    model, meta = build_model(Path(ckpt_dir), meta["step"], device="cpu")
     source = {"checkpoint_dir": str(ckpt_dir), "step": meta.get("step", step)}
     return write_export(
         model,
@@ -193,21 +213,37 @@ def export_model(
 
 
 def check_export(export_dir: Path) -> dict:
-    """Refuse an incomplete folder naming what is missing; returns config.json."""
+    """Refuse an incomplete, outdated or mismatched folder naming what is wrong (before a server
+    spends minutes starting on it); returns config.json."""
+    from shared.nanochat.tokenizer import Tokenizer, check_vocab_fits
+
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise FileNotFoundError(f"export folder {export_dir} does not exist")
-    for name in REQUIRED_FILES:
-        if not (export_dir / name).is_file():
-            raise FileNotFoundError(f"export {export_dir} is incomplete: {name} is missing")
     try:
         config = json.loads((export_dir / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"export {export_dir} is incomplete: {CONFIG_FILE} is missing") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{export_dir / CONFIG_FILE} is not valid JSON: {e}") from e
     if config.get("architectures") != [ARCHITECTURE]:
         raise ValueError(
             f"{export_dir / CONFIG_FILE}: architectures is {config.get('architectures')}, not [{ARCHITECTURE!r}]"
         )
+    if config.get("model_type") != MODEL_TYPE:
+        raise ValueError(
+            f"{export_dir / CONFIG_FILE}: model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}: "
+            "an export from an older version of the platform; export the checkpoint again"
+        )
+    for name in REQUIRED_FILES:
+        if not (export_dir / name).is_file():
+            raise FileNotFoundError(f"export {export_dir} is incomplete: {name} is missing")
+    check_vocab_fits(
+        Tokenizer.load(export_dir),
+        int(config.get("vocab_size", -1)),
+        tokenizer_name=f"{export_dir}/tokenizer.json",
+        model_name=f"{export_dir}/{CONFIG_FILE}",
+    )
     return config
 
 

@@ -1,12 +1,20 @@
-"""Byte-level BPE tokenizer in the GPT-4 style, trained and run with Hugging Face `tokenizers`.
+"""Byte-level BPE tokenizer in the GPT-4 style: trained with rustbpe, run with `tokenizers`.
 
 Facts kept from the reference (karpathy/nanochat): 9 special tokens appended *after* the BPE
 vocabulary (so `<|bos|>` is id `vocab_size - 9`), the GPT-4 split regex with numbers split as
-`\\p{N}{1,2}`, documents capped at 10,000 characters for training. The saved `tokenizer.json` is a
-plain `tokenizers` file, so `transformers.PreTrainedTokenizerFast` and vLLM load the same folder;
-`tokenizer_config.json` carries the chat template and the bos/eos tokens they need.
+`\\p{N}{1,2}`, documents capped at 10,000 characters for training. Training is upstream's own
+trainer (rustbpe); its mergeable ranks become a `tokenizers` BPE with the ids tiktoken would give
+(bpe_ranks.py), so a tokenizer trained here and one imported from a nanochat run behave alike.
+The saved `tokenizer.json` is a plain `tokenizers` file, so `transformers.PreTrainedTokenizerFast`
+and vLLM load the same folder; `tokenizer_config.json` carries the chat template and the bos/eos
+tokens they need.
 
 Byte-level means every UTF-8 byte is a base token, so encode/decode round-trips any text.
+
+The BOS rule, written once (`prompt_ids`): a raw-text prompt is `<|bos|>` + its BPE ids, because
+every pretraining document started that way; a chat prompt gets its `<|bos|>` from the chat
+template. The saved tokenizer.json carries the same rule as its post-processor, so vLLM and
+transformers (which add special tokens to raw completions and not to rendered chats) agree.
 """
 
 from __future__ import annotations
@@ -16,11 +24,13 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
+
+from shared.nanochat.bpe_ranks import build_hf_tokenizer, unicode_to_byte
 
 SPECIAL_TOKENS: list[str] = [
     "<|bos|>",  # every document starts with it; the loader packs rows on it
@@ -47,33 +57,6 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2 byte->printable-char table that byte-level BPE stores tokens in."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
-
-
-def _build_pipeline(model: models.Model) -> HFTokenizer:
-    tok = HFTokenizer(model)
-    tok.normalizer = None
-    # Split on the regex first (isolated keeps every char), then map bytes to printable chars.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 class Tokenizer:
     """The platform's tokenizer: BPE ids for text, specials only through `encode_special`."""
 
@@ -81,10 +64,16 @@ class Tokenizer:
         missing = [s for s in SPECIAL_TOKENS if hf.token_to_id(s) is None]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
-        # Saved files keep special-token matching on (the chat template renders specials as text),
-        # but text passed to `encode` is data: "<|bos|>" typed by a user must stay plain bytes.
-        self._file_json = hf.to_str()
-        self._hf = HFTokenizer.from_str(self._file_json)
+        bos_id = hf.token_to_id(BOS)
+        # The BOS rule for engines that tokenize raw prompts themselves (see the module doc);
+        # our own encode never adds special tokens.
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+        )
+        # Takes `hf` over. encode_special_tokens is runtime state, never saved: files keep
+        # special-token matching on (the chat template renders specials as text), while text
+        # passed to `encode` is data ("<|bos|>" typed by a user stays plain bytes).
+        self._hf = hf
         self._hf.encode_special_tokens = True
         self._special_ids = {s: i for s in SPECIAL_TOKENS if (i := hf.token_to_id(s)) is not None}
         self.vocab_size: int = self._hf.get_vocab_size(with_added_tokens=True)
@@ -113,7 +102,9 @@ class Tokenizer:
             "bos_token": BOS,
             "eos_token": EOS,
             "pad_token": BOS,  # never trained on; servers want some pad token
-            "add_bos_token": False,  # the chat template writes <|bos|> itself
+            # Raw prompts get <|bos|> (prompt_ids); the chat template writes its own and servers
+            # render chats without adding special tokens.
+            "add_bos_token": True,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000,
@@ -126,7 +117,7 @@ class Tokenizer:
             "pad_token": BOS,
             "additional_special_tokens": SPECIAL_TOKENS[1:],
         }
-        _atomic_write(directory / TOKENIZER_FILE, self._file_json)
+        _atomic_write(directory / TOKENIZER_FILE, self._hf.to_str())
         _atomic_write(directory / "special_tokens_map.json", json.dumps(special_map, indent=2))
         _atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2))
 
@@ -177,17 +168,47 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} out of range 0..{self.vocab_size - 1}")
         if token_id in self._special_ids.values():
             return b""
-        table = _byte_table()
+        table = unicode_to_byte()
         return bytes(table[c] for c in piece)
 
     @property
     def special_ids(self) -> dict[str, int]:
         return dict(self._special_ids)
 
+    @classmethod
+    def from_ranks(
+        cls, mergeable_ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]
+    ) -> Tokenizer:
+        """The tokenizer giving tiktoken's ids for Encoding(pattern, mergeable_ranks, specials)."""
+        return cls(build_hf_tokenizer(mergeable_ranks, pattern, special_tokens))
 
-@lru_cache(maxsize=1)
-def _byte_table() -> dict[str, int]:
-    return _byte_decoder()
+
+class TokenizerMismatch(ValueError):
+    """A tokenizer does not belong to a model (vocab size or special-token ids differ)."""
+
+
+def prompt_ids(tok: Tokenizer, text: str) -> list[int]:
+    """The BOS rule for a raw-text prompt (completions, base-model samples): <|bos|> + its ids."""
+    return cast(list[int], tok.encode(text, prepend=tok.bos_token_id))
+
+
+def check_vocab_fits(tok: Tokenizer, vocab_size: int, *, tokenizer_name: str, model_name: str) -> None:
+    """Refuse a tokenizer/model pair that would index outside the embedding or read specials as
+    other tokens, before any work starts. `*_name` say where each came from in the message."""
+    if tok.vocab_size != vocab_size:
+        raise TokenizerMismatch(
+            f"tokenizer {tokenizer_name} has {tok.vocab_size} tokens but model {model_name} was "
+            f"trained with vocab_size {vocab_size}: they do not belong together"
+        )
+    # Specials are the last ids (upstream and ours); a tokenizer with them elsewhere was not the
+    # one the model's chat turns were trained with.
+    want = list(range(vocab_size - len(SPECIAL_TOKENS), vocab_size))
+    got = [tok.encode_special(s) for s in SPECIAL_TOKENS]
+    if got != want:
+        raise TokenizerMismatch(
+            f"tokenizer {tokenizer_name} has its special tokens at ids {got}, model {model_name} "
+            f"(vocab_size {vocab_size}) expects {want}"
+        )
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -242,20 +263,15 @@ def train_tokenizer(
     doc_cap: int = DEFAULT_DOC_CAP,
     max_chars: int = DEFAULT_MAX_CHARS,
 ) -> Tokenizer:
-    """Train byte-level BPE on `texts`; specials take the last 9 ids. Saved to `out_dir` if given.
+    """Train byte-level BPE on `texts` with rustbpe (upstream's trainer); specials take the last 9
+    ids. Saved to `out_dir` if given.
 
     A corpus too small to yield `vocab_size - 9` merges gives a smaller vocabulary: the result's
     `vocab_size` is the truth, callers size the model from it.
     """
+    import rustbpe  # imported here: only training needs it
+
     cfg = TokenizerTrainConfig(vocab_size=vocab_size, doc_cap=doc_cap, max_chars=max_chars)
-    hf = _build_pipeline(models.BPE())
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size - len(SPECIAL_TOKENS),
-        min_frequency=0,
-        show_progress=False,
-        special_tokens=[],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
     n_docs = 0
 
     def counted() -> Iterator[str]:
@@ -264,12 +280,15 @@ def train_tokenizer(
             n_docs += 1
             yield doc
 
-    hf.train_from_iterator(counted(), trainer=trainer)
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(counted(), cfg.vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     if n_docs == 0:
         raise ValueError("train_tokenizer got no texts: the corpus is empty")
-    # Appended after training so the specials sit at the end of the id space, as in the reference.
-    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
-    tok = Tokenizer(hf)
+    ranks = {bytes(t): r for t, r in trainer.get_mergeable_ranks()}
+    # Appended after the ranks so the specials sit at the end of the id space, as in the reference.
+    tok = Tokenizer.from_ranks(
+        ranks, SPLIT_PATTERN, {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    )
     if out_dir is not None:
         tok.save(Path(out_dir))
     return tok

@@ -241,6 +241,17 @@ def test_import_reference_checkpoint(tmp_path):
         torch.testing.assert_close(rebuilt(idx), model(idx))
 
 
+def test_import_fills_lambdas_older_upstream_checkpoints_lack(tmp_path):
+    from tests.upstream import TINY, tiny_state, write_upstream_checkpoint
+
+    state = tiny_state()
+    del state["resid_lambdas"], state["x0_lambdas"]
+    write_upstream_checkpoint(tmp_path / "old", 7, state, TINY)
+    assert import_reference(tmp_path / "old", tmp_path / "new") == [7]
+    got, _, _ = load_checkpoint(tmp_path / "new", 7)
+    assert torch.equal(got["resid_lambdas"], torch.ones(2)) and torch.equal(got["x0_lambdas"], torch.zeros(2))
+
+
 def test_import_rejects_mismatched_state(tmp_path):
     model = tiny_model()
     src = tmp_path / "ref"
@@ -270,3 +281,68 @@ def test_cli_list_and_import(tmp_path, capsys):
     assert [(r["step"], r["complete"]) for r in rows] == [(50, True), (60, False)]
     assert ncp(["checkpoint", "import", str(tmp_path / "nope"), str(dst)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ optimizer state across rank counts
+
+
+def _assert_same_states(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_optimizer_shards_of_2_ranks_continue_identically_on_1_and_3(tmp_path):
+    """Genuine 2-rank MuonAdamW shards (gloo), resharded: one more step on 1 rank and on 3 ranks
+    gives the parameters that step gives on the original 2 ranks. The tiny model covers every
+    layout: row-sharded AdamW tensors (320 rows: split on 2, whole on 3), tiny all-reduced ones,
+    and Muon stacks of 8, 2 and 1 matrices (padding; ranks that own nothing)."""
+    from shared.nanochat.checkpoint import copy_checkpoint, saved_world_size
+    from tests.upstream import TINY, run_optimizer, tiny_state, write_upstream_checkpoint
+
+    start = tiny_state()
+    # 3 steps with each rank's own gradients, then one step with the same gradient everywhere (so
+    # its mean does not depend on the number of ranks), all on 2 ranks
+    model3, shards = run_optimizer(2, start, [(0, True), (1, True), (2, True)], tmp_path / "a")
+    want, _ = run_optimizer(2, model3, [(3, False)], tmp_path / "a4", optim_shards=shards)
+    write_upstream_checkpoint(tmp_path / "up", 3, model3, TINY, shards)  # a reference checkpoint
+    assert saved_world_size(tmp_path / "up", 3) == 2
+
+    for world in (1, 3):
+        dst = tmp_path / f"ranks{world}"
+        assert copy_checkpoint(tmp_path / "up", None, dst, world_size=world) == 3
+        meta = load_checkpoint(dst, 3)[2]
+        assert meta["world_size"] == world and meta["loop_state"]["min_val_bpb"] == 1.25
+        assert meta["copied_from"]["step"] == 3 and latest_step(dst) == 3
+        resharded = [load_checkpoint(dst, 3, load_optimizer=True, rank=r)[1] for r in range(world)]
+        got, _ = run_optimizer(world, model3, [(3, False)], tmp_path / f"b{world}", optim_shards=resharded)
+        _assert_same_states(got, want)
+        assert not torch.equal(got["transformer.wte.weight"], model3["transformer.wte.weight"])  # it moved
+
+
+def test_reshard_round_trip_and_refusals(tmp_path):
+    from shared.nanochat.checkpoint import copy_checkpoint
+    from shared.nanochat.optim_reshard import ReshardError, group_layout, reshard_optimizer_states
+    from tests.upstream import TINY, run_optimizer, tiny_state
+
+    _, (single,) = run_optimizer(1, tiny_state(), [(0, True), (1, True)], tmp_path / "s")
+    layout = group_layout(TINY)
+    four = reshard_optimizer_states([single], layout, 4)
+    assert len(four) == 4 and four[0]["param_groups"] == single["param_groups"]
+    (back,) = reshard_optimizer_states(four, layout, 1)
+    assert back["state"].keys() == single["state"].keys()
+    for i, st in single["state"].items():
+        for k, v in st.items():
+            assert torch.equal(back["state"][i][k], v) if torch.is_tensor(v) else back["state"][i][k] == v
+    wrong = [{**s, "param_groups": s["param_groups"][:-1]} for s in four]
+    with pytest.raises(ReshardError, match="parameter groups"):
+        reshard_optimizer_states(wrong, layout, 2)
+    with pytest.raises(ReshardError, match="join to"):
+        reshard_optimizer_states(four[:3], layout, 2)  # a missing shard
+    model = tiny_model()
+    save(tmp_path / "w", 5, model)  # weights only
+    with pytest.raises(CheckpointError, match="no optimizer state; continue it weights-only"):
+        copy_checkpoint(tmp_path / "w", 5, tmp_path / "c", world_size=2)
+    assert copy_checkpoint(tmp_path / "w", 5, tmp_path / "c", world_size=2, with_optimizer=False) == 5
+    assert load_checkpoint(tmp_path / "c", 5)[2]["world_size"] == 2
+    assert not list((tmp_path / "c").glob("optim_*"))

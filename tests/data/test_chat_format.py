@@ -70,13 +70,34 @@ def test_list_of_messages_and_truncation(tok):
     assert ids == full[:10] and mask == fmask[:10]
 
 
+def test_sft_encodes_each_assistant_part_like_upstream(tok):
+    # upstream's render_conversation: one encode() per part, so BPE never merges across parts
+    ids, mask = render_conversation(tok, TOOL_CONV)
+    sp = tok.encode_special
+    start = ids.index(sp("<|assistant_start|>")) + 1
+    want = tok.encode("Let me ") + tok.encode("compute: ") + [sp("<|python_start|>")]
+    assert ids[start : start + len(want)] == want
+    assert tok.encode("Let me compute: ") != tok.encode("Let me ") + tok.encode("compute: ")  # it matters
+
+
 def test_render_for_completion(tok):
     ids = render_for_completion(tok, TOOL_CONV)
     assert ids[-1] == tok.encode_special("<|assistant_start|>")
-    # The final assistant answer is dropped, the rest is the conversation as rendered for SFT.
-    prefix, _ = render_conversation(tok, TOOL_CONV["messages"][:-1])
-    assert ids == prefix + [tok.encode_special("<|assistant_start|>")]
     assert render_for_completion(tok, TOOL_CONV["messages"][:-1]) == ids
+    # The final assistant answer is dropped, the rest is the conversation as rendered for SFT,
+    # except that adjacent text parts are one segment, as the chat template renders them (kept
+    # on purpose: a served prompt must tokenize the same in vLLM and the native server).
+    prefix, _ = render_conversation(tok, TOOL_CONV["messages"][:-1])
+    sp = tok.encode_special
+    merged = tok.encode("Let me compute: ")
+    split = tok.encode("Let me ") + tok.encode("compute: ")
+    at = prefix.index(sp("<|assistant_start|>")) + 1
+    assert prefix[at : at + len(split)] == split
+    assert ids == prefix[:at] + merged + prefix[at + len(split) :] + [sp("<|assistant_start|>")]
+    single = {"messages": TOOL_CONV["messages"][1:2]}  # no multi-part history: identical
+    assert render_for_completion(tok, single) == render_conversation(tok, single)[0] + [
+        sp("<|assistant_start|>")
+    ]
 
 
 @pytest.mark.parametrize(

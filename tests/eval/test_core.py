@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from shared.nanochat.eval.core import (
     BundleError,
@@ -131,3 +132,53 @@ def test_choice_that_is_a_prefix_of_another_gets_a_nonempty_span(tokenizer):
     prompts = render_prompts({"query": "3+3=", "choices": ["6", "66", "6 6"], "gold": 0}, task, [])
     toks, starts, ends = token_spans(tokenizer, prompts, "multiple_choice")
     assert all(0 < s < e == len(t) for t, s, e in zip(toks, starts, ends, strict=True))
+
+
+class _Recording(torch.nn.Module):
+    """Our GPT, recording the length of every batch it is given (the scorer's view of a prompt)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.lengths = model, []
+        self.cos, self.config = model.cos, model.config
+
+    def forward(self, idx):
+        self.lengths.append(idx.shape[1])
+        return self.model(idx)
+
+
+def _gpt(sequence_len: int, vocab_size: int):
+    from shared.nanochat.config import GPTConfig
+    from shared.nanochat.gpt import GPT
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                    n_embd=64, window_pattern="L")  # fmt: skip
+    model = GPT(cfg)
+    model.init_weights()
+    return model.eval()
+
+
+def test_core_scores_the_whole_prompt_beyond_sequence_len_like_upstream(tokenizer):
+    # upstream scores prompts longer than the training context in full (its rotary table is 10x
+    # sequence_len); only past that table would there be nothing left to do but crop
+    item = {"query": "The capital of France is Paris. " * 6 + "2+2=", "choices": ["4", "5"], "gold": 0}
+    task = CoreTask("mc", "multiple_choice", "mc.jsonl", 0)
+    toks, starts, ends = token_spans(tokenizer, render_prompts(item, task, []), "multiple_choice")
+    n = max(len(t) for t in toks)
+    gpt = _gpt(16, tokenizer.vocab_size)
+    assert 16 < n <= gpt.cos.shape[1]  # longer than the context, inside the rotary table
+    model = _Recording(gpt)
+    got = score_item(model, tokenizer, [item], 0, task)
+    assert model.lengths == [n]
+    with torch.no_grad():  # upstream's computation on the whole prompts
+        losses = []
+        for t, s, e in zip(toks, starts, ends, strict=True):
+            logits = gpt(torch.tensor([t]))[0]
+            losses.append(
+                torch.nn.functional.cross_entropy(logits[s - 1 : e - 1], torch.tensor(t[s:e])).item()
+            )
+    assert got == (losses.index(min(losses)) == item["gold"])
+    short = _Recording(_gpt(2, tokenizer.vocab_size))  # rotary table of 20 positions < n
+    score_item(short, tokenizer, [item], 0, task)
+    assert short.lengths == [20]

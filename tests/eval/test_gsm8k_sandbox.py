@@ -5,32 +5,37 @@ from __future__ import annotations
 import pytest
 
 from shared.nanochat.eval.chat import humaneval_passes
-from shared.nanochat.eval.gsm8k import extract_answer, is_correct, normalize_number, solution_to_parts
+from shared.nanochat.eval.gsm8k import extract_answer, is_correct, solution_to_parts
 from shared.nanochat.eval.sandbox import SandboxLimits
 
 
 @pytest.mark.parametrize(
     "text,expected",
-    [
+    [  # upstream's extract_answer (tasks/gsm8k.py), case by case
         ("so she earns 10.\n#### 10", "10"),
         ("#### 1,234", "1234"),
         ("#### -7", "-7"),
-        ("#### 3.50", "3.5"),
-        ("#### 4.0", "4"),
-        ("#### $18", "18"),
+        ("#### 3.50", "3.50"),  # not normalised
+        ("#### 10.00", "10.00"),
+        ("#### 7.", "7."),  # the sentence's full stop is part of the answer
+        ("####10", None),  # exactly one space after the marker
+        ("#### $18", None),  # no currency sign
+        ("####  5", None),
         ("The answer is 12", None),
         ("#### 5 then #### 6", "5"),
     ],
 )
-def test_extract_answer(text, expected):
+def test_extract_answer_is_upstreams(text, expected):
     assert extract_answer(text) == expected
 
 
-def test_normalize_and_compare():
-    assert normalize_number("1,000.50") == "1000.5"
-    assert normalize_number("abc") is None
-    assert is_correct("work...\n#### 1,000", "x <<2*500=1000>>1000\n#### 1000")
-    assert not is_correct("#### 999", "#### 1000")
+def test_grading_follows_upstream_exactly():
+    ref = "x <<2*500=1000>>1000\n#### 1000"
+    assert is_correct("work...\n#### 1,000", ref)  # commas are dropped
+    assert not is_correct("#### 999", ref)
+    for near_miss in ("#### 1000.00", "####1000", "#### $1000", "#### 1000.", "1000"):
+        assert not is_correct(near_miss, ref), near_miss
+    assert is_correct("#### 7.5", "#### 7.5") and not is_correct("#### 7.50", "#### 7.5")
     with pytest.raises(ValueError, match="####"):
         is_correct("#### 1", "no marker here")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from shared.nanochat.eval.report import write_report
 from shared.nanochat.eval.runner import BASE_PROMPTS, run_base_eval, run_chat_eval
 from shared.nanochat.eval.tasks import CHAT_TASKS
@@ -44,3 +46,27 @@ def test_base_then_chat_eval_then_report(trained_base, tmp_path):
         and "ChatCORE" in md
         and "![pretrain training loss](pretrain_loss.png)" in md
     )
+
+
+def test_mismatched_tokenizer_is_refused_before_any_work(trained_base, tmp_path, capsys):
+    """`ncp eval base` with another run's tokenizer: a one-line error naming both sizes (it used to
+    end in an IndexError deep inside the embedding)."""
+    from services.cli.main import main
+    from shared.nanochat.tokenizer import TokenizerMismatch, train_tokenizer
+
+    data, _, ckpt = trained_base
+    other = tmp_path / "other_tok"
+    train_tokenizer(["some other corpus, small enough for a smaller vocabulary"] * 3, 300, out_dir=other)
+    small = json.loads((other / "tokenizer.json").read_text())["added_tokens"][-1]["id"] + 1
+    for run in (
+        lambda: run_base_eval(ckpt, None, other, data, tmp_path / "eval", device="cpu"),
+        lambda: run_chat_eval(ckpt, None, other, tmp_path / "eval", device="cpu"),
+    ):
+        with pytest.raises(TokenizerMismatch, match=rf"has {small} tokens but model .* vocab_size 512"):
+            run()
+    assert not (tmp_path / "eval").exists()  # refused before anything was written
+    argv = ["eval", "base", "--checkpoint", str(ckpt), "--tokenizer", str(other), "--data", str(data),
+            "--out", str(tmp_path / "eval"), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ncp: error: tokenizer") and f"has {small} tokens" in err and "512" in err

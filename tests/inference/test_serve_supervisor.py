@@ -17,7 +17,15 @@ import psutil
 import pytest
 
 from services.inference.publish import publish_model, read_current
-from services.inference.serve import ServeConfig, child_command, resolve_engine
+from services.inference.serve import (
+    ServeConfig,
+    Supervisor,
+    child_command,
+    cpu_kv_cache_bytes,
+    resolve_engine,
+    vllm_memory_args,
+)
+from services.inference.served_state import read_state
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,15 +57,16 @@ def test_publish_is_atomic_and_validated(tiny_run, tmp_path):
 
 def test_engine_choice_and_commands(tmp_path):
     vllm_python = REPO / ".venv-vllm" / "bin" / "python"
-    if vllm_python.exists():
-        assert resolve_engine(ServeConfig(engine="auto", vllm_python=str(vllm_python))) == "vllm"
+    if vllm_python.exists():  # the CPU build of vLLM: it says it runs on the CPU
+        assert resolve_engine(ServeConfig(engine="auto", vllm_python=str(vllm_python))) == ("vllm", "cpu")
     no_vllm = tmp_path / "python"
     no_vllm.write_text("#!/bin/sh\nexit 1\n")
     no_vllm.chmod(0o755)
-    assert resolve_engine(ServeConfig(engine="auto", vllm_python=str(no_vllm))) == "native"
+    assert resolve_engine(ServeConfig(engine="auto", vllm_python=str(no_vllm))) == ("native", None)
+    assert resolve_engine(ServeConfig(engine="native", vllm_python=str(no_vllm))) == ("native", None)
     cfg = ServeConfig(engine="vllm", port=9000, vllm_python="/v/bin/python", dtype="float32", max_model_len=256,
                       vllm_extra_args=("--enforce-eager",))  # fmt: skip
-    cmd = child_command(cfg, "vllm", "m", "/exp")
+    cmd = child_command(cfg, "vllm", "m", "/exp", "cuda")
     assert cmd[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     for pair in (["--served-model-name", "m"], ["--port", "9000"], ["--max-model-len", "256"], ["--dtype", "float32"],
                  ["--chat-template-content-format", "string"]):  # fmt: skip
@@ -66,6 +75,71 @@ def test_engine_choice_and_commands(tmp_path):
     assert cmd[-1] == "--enforce-eager"
     with pytest.raises(ValueError, match="engine"):
         ServeConfig(engine="tgi")
+
+
+def test_vllm_memory_defaults_work_on_cpu_and_gpu():
+    gib = 1 << 30
+    # GPU: vLLM's own default share; CPU: an explicit KV cache sized from the RAM free now, because
+    # a share of all RAM (0.9 by default) fails as soon as anything else runs on the machine
+    assert vllm_memory_args(ServeConfig(), "cuda") == []
+    assert vllm_memory_args(ServeConfig(), "cpu", available_bytes=16 * gib) == [
+        "--kv-cache-memory-bytes",
+        str(2 * gib),
+    ]
+    assert vllm_memory_args(ServeConfig(), "cpu", available_bytes=4 * gib) == [
+        "--kv-cache-memory-bytes",
+        str(gib),
+    ]
+    assert cpu_kv_cache_bytes(gib) == gib // 2
+    configured = ServeConfig(gpu_memory_utilization=0.3)
+    assert (
+        vllm_memory_args(configured, "cpu")
+        == vllm_memory_args(configured, "cuda")
+        == ["--gpu-memory-utilization", "0.3"]
+    )
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        ServeConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="first_backoff_seconds"):
+        ServeConfig(first_backoff_seconds=0)
+
+
+def test_repeated_start_failure_is_a_clear_error_in_the_state_file(tiny_run, tmp_path):
+    """A real native engine that cannot bind its port exits at once, again and again: the
+    supervisor backs off (doubling), then reports "failed" with the engine's own reason; once the
+    port is free it recovers to "running"."""
+    home = tmp_path / "home"
+    publish_model(home / "serving", "tiny", tiny_run["export_dir"])
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()  # never answers: the port is taken and /health never succeeds
+    port = blocker.getsockname()[1]
+    cfg = ServeConfig(engine="native", port=port, poll_seconds=0.1, first_backoff_seconds=0.2,
+                      max_backoff_seconds=0.8, max_start_failures=2)  # fmt: skip
+    sup = Supervisor(cfg, home / "serving")
+    seen: list[dict] = []
+
+    def state_is(name):
+        sup.step()
+        st = read_state(home / "serving")
+        if st and (not seen or seen[-1]["state"] != st["state"]):
+            seen.append(st)
+        return st if st and st["state"] == name else None
+
+    try:
+        failed = _wait(lambda: state_is("failed"), timeout=300, what="state failed")
+        assert failed["model"] == "tiny" and failed["engine"] == "native" and failed["start_failures"] == 2
+        assert "failed to start 2 times in a row" in failed["error"]
+        assert "address already in use" in failed["error"].lower()  # the engine's own reason
+        assert failed["last_exit_code"] not in (0, None) and failed["log_tail"]
+        assert [st["state"] for st in seen][:3] == ["starting", "restarting", "starting"]
+        assert sup._backoff == 0.8  # 0.2 -> 0.4 -> 0.8: doubled, then capped
+        blocker.close()
+        running = _wait(lambda: state_is("running"), timeout=300, what="recovery")
+        assert running["error"] is None and running["start_failures"] == 0 and running["pid"]
+        assert _models(f"http://127.0.0.1:{port}") == ["tiny"]
+    finally:
+        blocker.close()
+        sup.stop()
 
 
 def _models(url: str) -> list[str] | None:

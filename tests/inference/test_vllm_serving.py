@@ -2,10 +2,12 @@
 
 Runs the real stack: `python -m services.inference.serve --engine vllm` (the supervisor) starts
 vLLM's OpenAI server from .venv-vllm (created by scripts/setup_vllm_venv.sh) on the published
-export; requests go through the official `openai` client. Parity: greedy tokens equal our model's
-greedy tokens (fp32 on CPU, dtype float32 in vLLM) for prompts longer than the sliding window,
-issued concurrently (continuous batching) and twice (the second time from the prefix cache);
-prompt logprobs agree within 1e-4.
+export, with the repo's default memory settings on this CPU-only machine; requests go through the
+official `openai` client. Parity: greedy tokens equal our model's greedy tokens (fp32 on CPU,
+dtype float32 in vLLM) for prompts longer than the sliding window, issued concurrently
+(continuous batching) and twice (the second time from the prefix cache); prompt logprobs agree
+within 1e-4. The native server on the same folder tokenizes text prompts and chats the same way
+(one BOS rule) and gives the same greedy completions.
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ def vllm_server(tiny_run, tmp_path_factory):
         NCP_VLLM_PYTHON=str(VLLM_PYTHON),
         NCP_VLLM_DTYPE="float32",
         NCP_VLLM_MAX_MODEL_LEN="256",
-        NCP_VLLM_GPU_MEMORY_UTILIZATION="0.3",  # on CPU: that share of RAM
+        # No memory settings: the repo's defaults must start vLLM on a CPU-only machine.
         # Not --enforce-eager: the forward must go through vLLM's torch.compile (full graph, the
         # same capture CUDA graphs need), which proves it has no data-dependent Python control flow.
         NCP_VLLM_EXTRA_ARGS="--enable-prefix-caching",
-        VLLM_CPU_KVCACHE_SPACE="1",
     )
+    for key in ("NCP_VLLM_GPU_MEMORY_UTILIZATION", "VLLM_CPU_KVCACHE_SPACE"):
+        env.pop(key, None)
     log = open(home / "serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.inference.serve", "--engine", "vllm", "--port", str(port)],
@@ -160,6 +163,74 @@ def test_chat_streaming_through_openai_client(vllm_server, ours):
     plain = client.chat.completions.create(**kw).choices[0].message.content
     stream = client.chat.completions.create(**kw, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == plain
+
+
+def test_supervisor_state_says_running_on_cpu(vllm_server):
+    from services.inference.served_state import read_state
+
+    state = read_state(vllm_server["home"] / "serving")
+    assert state["state"] == "running" and state["engine"] == "vllm" and state["device"] == "cpu"
+    assert state["model"] == "tiny" and state["error"] is None
+
+
+@pytest.fixture(scope="module")
+def native_server(tiny_run, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("native") / "native.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.inference.native", "--model", str(tiny_run["export_dir"]),
+         "--name", "tiny", "--port", str(port)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("the native server did not come up")
+        time.sleep(0.5)
+    yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_both_engines_tokenize_and_complete_alike(vllm_server, native_server, ours):
+    from shared.nanochat.tokenizer import prompt_ids
+
+    model, tok = ours
+    engines = {"vllm": vllm_server["client"], "native": native_server}
+    for client in engines.values():  # an empty text prompt is refused by both
+        with pytest.raises(openai.BadRequestError, match="non-empty"):
+            client.completions.create(model="tiny", prompt="", max_tokens=4)
+    texts = ["def decode(self, s):", "The capital of France is", "  indented\n\n12345 你好"]
+    for text in texts:
+        want_ids = prompt_ids(tok, text)  # the BOS rule, written once
+        answers = {
+            name: c.completions.create(model="tiny", prompt=text, max_tokens=12, temperature=0)
+            for name, c in engines.items()
+        }
+        for name, r in answers.items():
+            assert r.usage.prompt_tokens == len(want_ids), (name, text)
+        assert answers["vllm"].choices[0].text == answers["native"].choices[0].text, text
+        assert answers["vllm"].usage.completion_tokens == answers["native"].usage.completion_tokens, text
+    for messages in (
+        [{"role": "user", "content": "What does json.dumps do?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And 3+3?"}],
+    ):  # fmt: skip
+        answers = {
+            name: c.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+            for name, c in engines.items()
+        }
+        want = len(render_for_completion(tok, messages))
+        assert {name: r.usage.prompt_tokens for name, r in answers.items()} == {"vllm": want, "native": want}
+        assert answers["vllm"].choices[0].message.content == answers["native"].choices[0].message.content
 
 
 def test_unknown_model_is_404(vllm_server):

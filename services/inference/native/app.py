@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.inference.native.batcher import Batcher, GenerationRequest, SamplingParams
 from shared.loopback import remote_connection
+from shared.nanochat.tokenizer import prompt_ids
 
 
 class APIError(Exception):
@@ -114,7 +115,14 @@ class _Choice:
         return self._release(text[: len(text) - hold] if hold else text)
 
     def flush(self) -> str:
-        return self._release(self.tok.decode(self.ids))
+        # Like vLLM's detokenizer (tokenizers' DecodeStream): text ending in a replacement
+        # character is held back as a possibly unfinished character, and whatever is still held
+        # when generation ends is dropped, so both engines return the same text.
+        k, text = len(self.ids), self.tok.decode(self.ids)
+        while k > 0 and text.endswith("\ufffd"):
+            k -= 1
+            text = self.tok.decode(self.ids[:k])
+        return self._release(text)
 
     def _release(self, text: str) -> str:
         delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
@@ -334,7 +342,11 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         if isinstance(req.prompt, str):
-            prompt = tokenizer.encode(req.prompt, prepend="<|bos|>")
+            if not req.prompt:  # as vLLM answers it
+                raise APIError(
+                    400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt"
+                )
+            prompt = prompt_ids(tokenizer, req.prompt)  # the BOS rule vLLM follows too
         else:
             bad = [t for t in req.prompt if not 0 <= t < tokenizer.vocab_size]
             if bad or not req.prompt:

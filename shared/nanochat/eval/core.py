@@ -230,14 +230,16 @@ def token_spans(
 
 
 def _crop(toks, starts, ends, max_len: int | None):
-    """Keep the last `max_len` tokens of over-long sequences (the scored span is at the end)."""
+    """Keep the last `max_len` tokens of sequences longer than the model can read at all (the
+    scored span is at the end). Only past the positions the model has: upstream scores the whole
+    prompt, even beyond the training context (its rotary table covers 10x)."""
     if max_len is None:
         return toks, starts, ends
     out_t, out_s, out_e = [], [], []
     for t, s, e in zip(toks, starts, ends, strict=True):
         cut = max(0, len(t) - max_len)
         if s - cut < 1:
-            raise ValueError(f"continuation longer than the model context ({max_len} tokens)")
+            raise ValueError(f"continuation longer than the model's positions ({max_len} tokens)")
         out_t.append(t[cut:])
         out_s.append(s - cut)
         out_e.append(e - cut)
@@ -252,8 +254,10 @@ def _model_device(model) -> torch.device:
 
 
 def _model_max_len(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "sequence_len", None)
+    """How many positions the model can read: our GPT's rotary table (10x its sequence_len, as
+    upstream's), not the training context. None: no limit known."""
+    rotary = getattr(model, "cos", None)
+    return int(rotary.shape[1]) if isinstance(rotary, torch.Tensor) else None
 
 
 @torch.no_grad()

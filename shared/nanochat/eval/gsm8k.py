@@ -2,43 +2,32 @@
 
 A GSM8K solution writes calculator steps as `<<48/2=24>>` and ends with `#### 72`. For SFT the
 calculator steps become python tool calls (the expression) and tool outputs (the result), which
-is how the model learns to use the calculator; for grading, only the number after `####` counts.
+is how the model learns to use the calculator; for grading, only the number after `#### ` counts,
+compared exactly as upstream does.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 
-# The marker the official grader looks for; the number may carry a sign, commas and decimals.
-_ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?|-?\.[0-9]+)")
+# Upstream's rule (nanochat tasks/gsm8k.py, after the official grade-school-math code): exactly
+# "#### " then digits, dots and commas (an optional minus); commas dropped, nothing else
+# normalised, compared as strings. So "#### 10.00", "####10", "#### $5" and "#### 7." do not match
+# a reference of 10, 5 or 7: accuracy means what upstream's means.
+_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 _CALC_RE = re.compile(r"(<<[^>]*>>)")
 
 
-def normalize_number(text: str) -> str | None:
-    """Canonical text of a number: no thousands commas, no trailing zeros ("1,000.50" -> "1000.5")."""
-    cleaned = text.strip().replace(",", "").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
 def extract_answer(completion: str) -> str | None:
-    """The normalized number after the first `####` marker, or None if there is none."""
+    """The text after the first `#### ` marker, commas removed (upstream's extract_answer)."""
     match = _ANSWER_RE.search(completion)
     if not match:
         return None
-    return normalize_number(match.group(1))
+    return match.group(1).strip().replace(",", "")
 
 
 def is_correct(completion: str, reference_solution: str) -> bool:
-    """Whether a completion's `####` answer equals the reference solution's."""
+    """Whether a completion's `####` answer equals the reference solution's, as strings."""
     ref = extract_answer(reference_solution)
     if ref is None:
         raise ValueError("reference solution has no '#### <number>' answer")

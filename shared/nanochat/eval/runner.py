@@ -13,12 +13,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import cast
 
 import torch
 
-from shared.nanochat.checkpoint import build_model
-from shared.nanochat.tokenizer import Tokenizer
+from shared.nanochat.checkpoint import build_model, checkpoint_meta, model_config_from_meta
+from shared.nanochat.tokenizer import Tokenizer, check_vocab_fits, prompt_ids
 from shared.nanochat.train_config import EVAL_TOKENS
 
 BASE_PROMPTS = (
@@ -54,9 +53,25 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _greedy(engine, tokenizer, prompt_ids: list[int], max_tokens: int) -> str:
-    seqs, _ = engine.generate_batch(prompt_ids, num_samples=1, max_tokens=max_tokens, temperature=0.0)
-    return tokenizer.decode(seqs[0][len(prompt_ids) :])
+def load_checked(ckpt_dir, step, tokenizer_dir, device):
+    """(model, meta, tokenizer) once the tokenizer is known to belong to the checkpoint: a
+    mismatch is refused, naming both vocab sizes, before any weights are read."""
+    tokenizer = Tokenizer.load(Path(tokenizer_dir))
+    meta = checkpoint_meta(ckpt_dir, step)
+    config = model_config_from_meta(meta, ckpt_dir)
+    check_vocab_fits(
+        tokenizer,
+        config.vocab_size,
+        tokenizer_name=str(tokenizer_dir),
+        model_name=f"{ckpt_dir} step {meta['step']}",
+    )
+    model, meta = build_model(ckpt_dir, meta["step"], device=device)
+    return model, meta, tokenizer
+
+
+def _greedy(engine, tokenizer, ids: list[int], max_tokens: int) -> str:
+    seqs, _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+    return tokenizer.decode(seqs[0][len(ids) :])
 
 
 def val_bpb(model, tokenizer, data_dir: Path, *, batch_size: int, seq_len: int, tokens: int, device) -> float:
@@ -98,8 +113,7 @@ def run_base_eval(
     t0 = time.time()
     dev = _device(device)
     out_dir = Path(out_dir)
-    model, meta = build_model(ckpt_dir, step, device=dev)
-    tokenizer = Tokenizer.load(Path(tokenizer_dir))
+    model, meta, tokenizer = load_checked(ckpt_dir, step, tokenizer_dir, dev)
     seq_len = model.config.sequence_len
     bpb = val_bpb(
         model,
@@ -117,12 +131,7 @@ def run_base_eval(
     samples = [
         {
             "prompt": p,
-            "completion": _greedy(
-                engine,
-                tokenizer,
-                cast(list[int], tokenizer.encode(p, prepend=tokenizer.bos_token_id)),
-                sample_tokens,
-            ),
+            "completion": _greedy(engine, tokenizer, prompt_ids(tokenizer, p), sample_tokens),
         }
         for p in BASE_PROMPTS
     ]
@@ -171,8 +180,7 @@ def run_chat_eval(
     t0 = time.time()
     dev = _device(device)
     out_dir = Path(out_dir)
-    model, meta = build_model(ckpt_dir, step, device=dev)
-    tokenizer = Tokenizer.load(Path(tokenizer_dir))
+    model, meta, tokenizer = load_checked(ckpt_dir, step, tokenizer_dir, dev)
     if tasks_dir is None:
         tasks_dir = write_fixture_chat_tasks(out_dir / "fixture_chat_tasks")
     engine = Engine(model, tokenizer)

@@ -1,7 +1,9 @@
-"""transformers config class for exported nanochat folders (config.json, model_type "nanochat").
+"""transformers configuration of an exported nanochat model (model_type "ncp_nanochat").
 
-The field names are the reference GPTConfig's; `attribute_map` exposes the Hugging Face names vLLM
-reads (hidden_size, num_attention_heads, ...). export.py writes every field below.
+Copied into every export folder; depends only on transformers. The field names are nanochat's
+GPTConfig; `attribute_map` exposes the Hugging Face names (hidden_size, num_attention_heads, ...)
+that vLLM and generic tools read. Its own model_type: transformers >= 5 ships an unrelated
+"nanochat" model type.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from transformers import PretrainedConfig
 
 
 class NanochatConfig(PretrainedConfig):
-    model_type = "nanochat"
+    model_type = "ncp_nanochat"
     attribute_map = {
         "hidden_size": "n_embd",
         "num_attention_heads": "n_head",
@@ -51,8 +53,8 @@ class NanochatConfig(PretrainedConfig):
         self.n_embd = n_embd
         self.head_dim = head_dim or n_embd // n_head
         self.window_pattern = window_pattern
-        # Per layer: how many *previous* tokens a position may attend to (the reference's
-        # flash-attn left window); >= sequence_len means full context.
+        # Per layer: how many *previous* tokens a position may attend to (flash-attn's left
+        # window); >= sequence_len means full context.
         self.window_sizes = list(window_sizes) if window_sizes is not None else [sequence_len] * n_layer
         self.value_embed_layers = (
             list(value_embed_layers)
@@ -67,4 +69,6 @@ class NanochatConfig(PretrainedConfig):
         self.ve_gate_channels = ve_gate_channels
         self.smear_channels = smear_channels
         self.backout_layer = n_layer // 2 if backout_layer is None else backout_layer
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(**kwargs)
+        # After the base class, which (transformers 4.x) would reset it to its own default.
+        self.tie_word_embeddings = tie_word_embeddings
