@@ -184,6 +184,11 @@ class Settings(BaseSettings):
         return self.home / "models"
 
     @property
+    def inference_headers(self) -> dict[str, str]:
+        """What a client of the model server sends: its key, when one is configured."""
+        return {"Authorization": f"Bearer {self.inference_api_key}"} if self.inference_api_key else {}
+
+    @property
     def queues(self) -> list[str]:
         return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
 

@@ -5,6 +5,9 @@ huge integers, NUL bytes, unknown enum values, malformed bodies), and every resp
 - not a server error (zero 5xx),
 - a status code the document lists for that operation, with a media type it lists,
 - a body matching the documented schema.
+The `/v1/*` chat relay is left out: it forwards to the inference service, which this test does not
+start, so its documented answer here is always 503 `inference_unavailable`
+(tests/inference/test_chat_relay.py drives it against a real model server).
 (Schemathesis' negative_data_rejection check is left out: it counts `?name=false` as a boolean
 sent to a string parameter, but a query string carries only strings.) The run is bounded (a few dozen cases per operation;
 well under a minute on two cores).
@@ -34,6 +37,7 @@ def test_generated_requests_never_break_the_api(live_server, tmp_path):
             str(cli), "run", f"{live_server.url}/openapi.json",
             "--checks", ",".join(CHECKS),
             "--max-examples", "25",
+            "--exclude-path-regex", "^/v1/",
             "--workers", "1",  # hypothesis' lambda descriptions are not thread-safe on 3.11
             "--request-timeout", "30",
             "--suppress-health-check", "too_slow,data_too_large",

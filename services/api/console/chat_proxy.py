@@ -36,7 +36,7 @@ def _unreachable(url: str, e: Exception) -> ApiError:
 async def models(settings: SettingsDep, _auth: AuthDep) -> Response:
     url = f"{settings.inference_url}/v1/models"
     try:
-        async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT) as client:
+        async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT, headers=settings.inference_headers) as client:
             r = await client.get(url)
     except httpx.HTTPError as e:
         raise _unreachable(url, e) from None
@@ -57,7 +57,12 @@ async def chat_completions(request: Request, settings: SettingsDep, _auth: AuthD
     client = httpx.AsyncClient(timeout=httpx.Timeout(CONNECT_TIMEOUT, read=None))
     try:
         upstream = await client.send(
-            client.build_request("POST", url, content=body, headers={"Content-Type": "application/json"}),
+            client.build_request(
+                "POST",
+                url,
+                content=body,
+                headers={"Content-Type": "application/json", **settings.inference_headers},
+            ),
             stream=True,
         )
     except httpx.HTTPError as e:

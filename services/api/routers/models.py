@@ -26,9 +26,7 @@ async def served_models(settings: SettingsDep, _auth: AuthDep) -> ServedModels:
             current = {"error": f"unreadable {pointer.name}: {e}"}
     url = f"{settings.inference_url}/v1/models"
     try:
-        key = settings.inference_api_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with httpx.AsyncClient(timeout=3.0, headers=headers) as client:
+        async with httpx.AsyncClient(timeout=3.0, headers=settings.inference_headers) as client:
             r = await client.get(url)
         r.raise_for_status()
         live: dict[str, Any] = {"reachable": True, "url": url, "models": r.json().get("data", [])}

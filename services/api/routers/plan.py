@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from services.api.deps import AuthDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
-from services.api.errors import ApiError
+from services.api.errors import ApiError, error_responses
 from shared.jobs.spec import PRESETS, JobCreate, JobSpec
 from shared.nanochat import sizing
 
@@ -127,7 +127,7 @@ def plan_presets(_auth: AuthDep) -> dict[str, dict[str, Any]]:
 @router.post(
     "",
     response_model=PlanPublic,
-    responses=_ERRORS,
+    responses=error_responses(400, 401, 403, 413, 422, 503),
     summary="Plan a job before submitting it",
     description="The body is a JobSpec, as for POST /jobs. Returns parameters, FLOPs, iterations and "
     "the estimated pretraining time on `gpu` at the assumed MFU; 422 names the bad field.",

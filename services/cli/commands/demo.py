@@ -143,12 +143,6 @@ def follow(client: Any, settings: Any, job_id: str, timeout: float) -> dict:
         time.sleep(1.0)
 
 
-def inference_headers(settings: Any) -> dict[str, str]:
-    """The model server's key, when one is configured (NCP_INFERENCE_API_KEY)."""
-    key = settings.inference_api_key
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def wait_for_model(client: Any, settings: Any, model: str, timeout: float = 180.0) -> None:
     import httpx
 
@@ -156,7 +150,7 @@ def wait_for_model(client: Any, settings: Any, model: str, timeout: float = 180.
     while time.monotonic() < deadline:
         try:
             r = client.get(
-                f"{settings.inference_url}/v1/models", timeout=5, headers=inference_headers(settings)
+                f"{settings.inference_url}/v1/models", timeout=5, headers=settings.inference_headers
             )
             if r.status_code == 200 and any(m.get("id") == model for m in r.json().get("data", [])):
                 return
@@ -173,7 +167,7 @@ def ask(client: Any, settings: Any, model: str, question: str) -> str:
     r = client.post(
         f"{settings.inference_url}/v1/chat/completions",
         timeout=120,
-        headers=inference_headers(settings),
+        headers=settings.inference_headers,
         json={
             "model": model,
             "messages": [{"role": "user", "content": question}],
