@@ -286,6 +286,7 @@ mkdir -p "$RUN/data"
 cat >"$RUN/.env" <<EOF
 POSTGRES_PASSWORD='p@ss/w:rd+ with space'
 NCP_API_TOKEN='tok/en:@+ $(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')'
+NCP_INFERENCE_API_KEY='key/:@+ $(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')'
 IMAGE_TAG=$TAG
 POSTGRES_IMAGE=ncp-e2e/postgres:15-bookworm
 REDIS_IMAGE=ncp-e2e/redis:7-bookworm

@@ -38,7 +38,11 @@ VENDOR_ENV = {
     "VIDEO_GID",
     "RENDER_GID",
 }
-SECRETS = {"POSTGRES_PASSWORD": "pg-secret-1234", "NCP_API_TOKEN": "token-abcdef-123456"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg-secret-1234",
+    "NCP_API_TOKEN": "token-abcdef-123456",
+    "NCP_INFERENCE_API_KEY": "key-abcdef-123456",
+}
 
 
 def compose(files: list[str], env_file, *args: str) -> subprocess.CompletedProcess:
@@ -152,6 +156,7 @@ def test_missing_secret_fails_fast(tmp_path):
     for missing, message in (
         ("POSTGRES_PASSWORD", "POSTGRES_PASSWORD is not set"),
         ("NCP_API_TOKEN", "NCP_API_TOKEN is not set"),
+        ("NCP_INFERENCE_API_KEY", "NCP_INFERENCE_API_KEY is not set"),
     ):
         env_file = tmp_path / f"no-{missing}.env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items() if k != missing))
@@ -258,7 +263,7 @@ def test_any_printable_password_reaches_the_services_intact(tmp_path, monkeypatc
 
     password = string.printable.strip() + " end"
     env_file = tmp_path / "token-only.env"
-    env_file.write_text(f"NCP_API_TOKEN={SECRETS['NCP_API_TOKEN']}\n")
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items() if k != "POSTGRES_PASSWORD"))
     cmd = [
         COMPOSE,
         "--project-directory",

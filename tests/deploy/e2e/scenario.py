@@ -9,7 +9,8 @@ the inference port, and the docker CLI (kill, restart, run). Each check appends 
    mid-pretraining the train worker's container is killed (`docker kill`) and started again: the
    job resumes from the newest checkpoint with every step recorded once;
 3. later in the run the postgres and redis containers are restarted: the job still succeeds;
-4. the published model answers /v1/chat/completions on the inference port;
+4. the published model answers /v1/chat/completions on the inference port with the key from .env
+   (401 without it), and through the API's /v1 relay with the API token alone;
 5. the train worker's start check, in the worker image: a GPU device node it cannot open and a
    non-numeric GID stop it with the fix named; the host GID (numeric group_add) lets it through;
 6. the Helm chart's multi-node pod command as two containers on a private network, pod 0's own
@@ -231,35 +232,46 @@ def check_resume(run: Run, job_id: str, job: dict) -> None:
 
 
 # --- 4. chat ---------------------------------------------------------------------------------------------
+CHAT = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 16}
+
+
+def _answer(r: httpx.Response) -> str | None:
+    body = r.json() if r.status_code == 200 else {}
+    return ((body.get("choices") or [{}])[0].get("message") or {}).get("content")
+
+
 def check_chat(run: Run) -> None:
     served = run.api.get("/models/served").json()
     model = (served.get("current") or {}).get("model")
     if not model:
         raise CheckFailed(f"no model published: {served}")
+    key = {"Authorization": f"Bearer {run.env['NCP_INFERENCE_API_KEY']}"}
 
     def serving() -> bool:
         try:
-            r = httpx.get(f"{run.args.inference}/v1/models", timeout=5)
+            r = httpx.get(f"{run.args.inference}/v1/models", headers=key, timeout=5)
         except httpx.HTTPError:
             return False
         return r.status_code == 200 and model in [m["id"] for m in r.json()["data"]]
 
     wait_for(serving, 300, f"the inference service to serve {model}", interval=2)
-    r = httpx.post(
-        f"{run.args.inference}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "Why is the sky blue?"}],
-            "max_tokens": 16,
-        },
-        timeout=120,
-    )
-    body = r.json() if r.status_code == 200 else {}
-    text = ((body.get("choices") or [{}])[0].get("message") or {}).get("content")
+    url = f"{run.args.inference}/v1/chat/completions"
+    anon = httpx.post(url, json={"model": model, **CHAT}, timeout=120)
+    r = httpx.post(url, json={"model": model, **CHAT}, headers=key, timeout=120)
+    text = _answer(r)
     run.record(
-        "chat through inference /v1/chat/completions",
-        bool(r.status_code == 200 and text),
-        f"{model}: {text!r}"[:100],
+        "chat on the inference port: key from .env required and accepted",
+        anon.status_code == 401 and bool(text),
+        f"without: {anon.status_code}, with: {r.status_code} {model}: {text!r}"[:100],
+    )
+    # The console's path: the API relays to the inference service with the key, the client sends
+    # only the API's bearer token.
+    relayed = run.api.post("/v1/chat/completions", json={"model": model, **CHAT}, timeout=120)
+    text = _answer(relayed)
+    run.record(
+        "chat through the API's /v1 relay (API token only)",
+        bool(text),
+        f"{relayed.status_code}: {text!r}"[:100],
     )
 
 
@@ -306,7 +318,7 @@ def chart_pod(job_id: str, nodes: int) -> dict[str, Any]:
     import yaml
 
     values = {
-        "secrets": {"apiToken": "e2e-token"},
+        "secrets": {"apiToken": "e2e-token", "inferenceApiKey": "e2e-key"},
         "postgresql": {"password": "e2e-password"},
         "gpu": {"supplementalGroups": [44, 110]},
         "multinode": {"enabled": True, "jobId": job_id, "nodes": nodes, "nprocPerNode": 1},
