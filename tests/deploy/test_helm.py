@@ -17,7 +17,11 @@ K8S_VERSION = "1.35.0"
 # A password with every character that breaks a URL pasted together by hand.
 PASSWORD = "p@ss/w:rd+ %#?&=x"
 GPU_GROUPS = {"gpu": {"supplementalGroups": [44, 110]}}
-REQUIRED = {"secrets": {"apiToken": "tok-0123456789", "inferenceApiKey": "key-0123456789"}, "postgresql": {"password": PASSWORD}, **GPU_GROUPS}
+REQUIRED = {
+    "secrets": {"apiToken": "tok-0123456789", "inferenceApiKey": "key-0123456789"},
+    "postgresql": {"password": PASSWORD},
+    **GPU_GROUPS,
+}
 
 
 def render(
@@ -117,9 +121,16 @@ def test_helm_lint_is_clean():
             {"secrets": {"apiToken": "t"}, "postgresql": {"password": "x"}, **GPU_GROUPS},
             "secrets.inferenceApiKey is required",
         ),
-        ({"secrets": {"apiToken": "t", "inferenceApiKey": "k"}, **GPU_GROUPS}, "postgresql.password is required"),
         (
-            {"secrets": {"apiToken": "t", "inferenceApiKey": "k"}, "postgresql": {"enabled": False}, **GPU_GROUPS},
+            {"secrets": {"apiToken": "t", "inferenceApiKey": "k"}, **GPU_GROUPS},
+            "postgresql.password is required",
+        ),
+        (
+            {
+                "secrets": {"apiToken": "t", "inferenceApiKey": "k"},
+                "postgresql": {"enabled": False},
+                **GPU_GROUPS,
+            },
             "externalDatabase.url is required",
         ),
         (
