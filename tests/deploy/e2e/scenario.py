@@ -13,7 +13,9 @@ the inference port, and the docker CLI (kill, restart, run). Each check appends 
    (401 without it), and through the API's /v1 relay with the API token alone;
 5. the train worker's start check, in the worker image: a GPU device node it cannot open and a
    non-numeric GID stop it with the fix named; the host GID (numeric group_add) lets it through;
-6. the Helm chart's multi-node pod command as two containers on a private network, pod 0's own
+6. the HumanEval sandbox's escapes fail inside the eval worker container (compose's settings) and in
+   the same image under the chart's eval pod security context, mapped to docker flags;
+7. the Helm chart's multi-node pod command as two containers on a private network, pod 0's own
    name resolving only after both have started: the rendezvous meets and training finishes.
 """
 
@@ -311,9 +313,79 @@ def check_device_start(run: Run) -> None:
     )
 
 
-# --- 6. multi-node rendezvous ----------------------------------------------------------------------------
-def chart_pod(job_id: str, nodes: int) -> dict[str, Any]:
-    """The trainer container of the chart's multi-node Job, rendered by Helm's own engine."""
+# --- 6. HumanEval sandbox in the eval image ----------------------------------------------------------
+PROBE = Path(__file__).with_name("sandbox_probe.py")
+CANARY = "ncp-e2e-canary-5d1c"
+
+
+def _probe(run: Run, name: str, argv: list[str]) -> None:
+    """Run sandbox_probe.py with `argv` (docker exec/run ... python -) and record its verdict."""
+    r = subprocess.run(
+        ["docker", *argv], input=PROBE.read_text(), capture_output=True, text=True, timeout=300
+    )
+    try:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        out = {"ok": False, "checks": {"probe": (r.stderr or r.stdout).strip()[-300:]}}
+    run.record(
+        name, r.returncode == 0 and out["ok"], "; ".join(f"{k}: {v}" for k, v in out["checks"].items())
+    )
+
+
+def pod_security_flags(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """`docker run` flags for what a pod's securityContext asks of the runtime (the parts the
+    sandbox depends on): user and group, seccomp, AppArmor, /proc masking, read-only root, caps."""
+    psc, csc = pod.get("securityContext") or {}, container.get("securityContext") or {}
+    sc = {**psc, **csc}
+    flags = ["--user", f"{sc.get('runAsUser', 0)}:{sc.get('runAsGroup', 0)}"]
+    for gid in [sc.get("fsGroup"), *(sc.get("supplementalGroups") or [])]:
+        if gid is not None:
+            flags += ["--group-add", str(gid)]
+    seccomp = (sc.get("seccompProfile") or {"type": "RuntimeDefault"})["type"]
+    if seccomp == "Unconfined":
+        flags += ["--security-opt", "seccomp=unconfined"]
+    elif seccomp == "Localhost":  # the profile the chart's docs say to install on the nodes
+        flags += ["--security-opt", f"seccomp={REPO / 'docker' / 'seccomp' / 'eval-sandbox.json'}"]
+    if (sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+        flags += ["--security-opt", "apparmor=unconfined"]
+    if sc.get("procMount") == "Unmasked":
+        flags += ["--security-opt", "systempaths=unconfined"]
+    if sc.get("readOnlyRootFilesystem"):
+        flags += ["--read-only", "--tmpfs", "/tmp"]
+    for cap in (sc.get("capabilities") or {}).get("drop", []):
+        flags += ["--cap-drop", cap]
+    if sc.get("allowPrivilegeEscalation") is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    return flags
+
+
+def check_sandbox(run: Run) -> None:
+    # compose: the running eval worker, as compose.cpu.yaml started it
+    _probe(
+        run,
+        "HumanEval sandbox escapes fail in the compose eval worker",
+        ["exec", "-i", "-e", f"NCP_E2E_CANARY={CANARY}", "-e", f"NCP_CANARY_SECRET={CANARY}",
+         run.container("eval-worker-cpu"), "python", "-"],
+    )  # fmt: skip
+    # Helm: the chart's eval worker pod, its security context as docker flags, in the same image
+    dep = next(
+        o
+        for o in render_chart({})
+        if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-eval-worker")
+    )
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    _probe(
+        run,
+        "HumanEval sandbox escapes fail under the chart's eval pod settings",
+        ["run", "--rm", "-i", "--label", LABEL, "--network", "none", *pod_security_flags(pod, container),
+         "-e", f"NCP_E2E_CANARY={CANARY}", "-e", f"NCP_CANARY_SECRET={CANARY}", run.args.image, "python", "-"],
+    )  # fmt: skip
+
+
+# --- 7. multi-node rendezvous ----------------------------------------------------------------------------
+def render_chart(extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's objects for an install with `extra` values, rendered by Helm's own engine."""
     import helm_python as helm
     import yaml
 
@@ -321,16 +393,26 @@ def chart_pod(job_id: str, nodes: int) -> dict[str, Any]:
         "secrets": {"apiToken": "e2e-token", "inferenceApiKey": "e2e-key"},
         "postgresql": {"password": "e2e-password"},
         "gpu": {"supplementalGroups": [44, 110]},
-        "multinode": {"enabled": True, "jobId": job_id, "nodes": nodes, "nprocPerNode": 1},
+        **extra,
     }
     with helm.Chart.load(str(REPO / "helm" / "nanochat-platform")) as chart:
         out = chart.render(values, name="ncp", namespace="e2e", is_install=True)
-    for path, text in out.items():
-        if path.endswith(".txt"):  # NOTES.txt
-            continue
-        for obj in yaml.safe_load_all(text):
-            if obj and obj.get("kind") == "Job" and obj["metadata"]["name"].startswith("ncp-train-"):
-                return obj
+    return [
+        obj
+        for path, text in out.items()
+        if not path.endswith(".txt")  # NOTES.txt
+        for obj in yaml.safe_load_all(text)
+        if obj
+    ]
+
+
+def chart_pod(job_id: str, nodes: int) -> dict[str, Any]:
+    """The trainer container of the chart's multi-node Job."""
+    for obj in render_chart(
+        {"multinode": {"enabled": True, "jobId": job_id, "nodes": nodes, "nprocPerNode": 1}}
+    ):
+        if obj.get("kind") == "Job" and obj["metadata"]["name"].startswith("ncp-train-"):
+            return obj
     raise CheckFailed("the chart rendered no multi-node Job")
 
 
@@ -416,13 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", required=True, help="the worker-cpu image (start check, multi-node)")
     p.add_argument("--checks", required=True)
     p.add_argument("--timeout", type=float, default=1500.0)
-    p.add_argument("--only", default="", help="comma list of steps: api,job,chat,device,multinode")
+    p.add_argument("--only", default="", help="comma list of steps: api,job,chat,sandbox,device,multinode")
     args = p.parse_args(argv)
     run = Run(args)
     steps = {
         "api": check_api,
         "job": run_job,
         "chat": check_chat,
+        "sandbox": check_sandbox,
         "device": check_device_start,
         "multinode": check_multinode,
     }
