@@ -66,6 +66,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         "kind": args.kind,
         "name": args.name,
         "model.depth": args.depth,
+        "model.fp8": args.fp8,  # True or None: without the flag the spec (or preset) decides
         "horizon.num_iterations": args.num_iterations,
         "hardware.gpus": args.gpus,
         "hardware.device": args.device,
@@ -319,6 +320,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--name")
     s.add_argument("--depth", type=int)
     s.add_argument("--num-iterations", type=int)
+    s.add_argument(
+        "--fp8",
+        action="store_true",
+        default=None,
+        help="pretrain in FP8 (model.fp8; needs an FP8 GPU; SFT and eval stay bf16)",
+    )
     s.add_argument("--gpus", type=int)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--data-source", choices=["demo", "local", "remote"])
