@@ -125,6 +125,11 @@ def demo_job(browser, platform, artifacts) -> str:
         assert page.query_selector("[data-testid=samples] .sample")
         assert page.eval_on_selector("[data-testid=report] img", "img => img.naturalWidth") > 100
         assert int(page.get_attribute("[data-testid=chart-pretrain-bpb]", "data-points")) >= 2
+        # each training stage's kernel report, from the job status (GET /jobs/{id}: kernels)
+        kernel_lines = [e.text_content() or "" for e in page.query_selector_all("[data-testid=kernels]")]
+        # (text_content: the label is upper-cased by CSS only)
+        assert [line.split()[2] for line in kernel_lines] == ["pretrain", "sft"], kernel_lines
+        assert all("device_backend cpu" in line for line in kernel_lines), kernel_lines
         return job_id
     except Exception:
         console.shot("demo-job-failure")
