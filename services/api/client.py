@@ -171,10 +171,6 @@ class JobsClient:
         params = {"offset": offset} if offset is not None else None
         return self._request("GET", f"/jobs/{job_id}/logs/{file}", params=params).json()
 
-    def kernels(self, job_id: str) -> dict[str, dict[str, Any]]:
-        """Training stage -> the kernel report its trainer wrote (what runs on the device)."""
-        return self._request("GET", f"/jobs/{job_id}/kernels").json()["stages"]
-
     def metrics(self, job_id: str, names: list[str] | None = None) -> dict[str, Any]:
         return self._request(
             "GET", f"/jobs/{job_id}/metrics", params={"name": names} if names else None

@@ -101,9 +101,18 @@ class JobPublic(BaseModel):
     finished_at: dt.datetime | None = None
     updated_at: dt.datetime
     spec: dict[str, Any]
+    kernels: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="What runs on the device: training stage -> the kernel report its trainer wrote with "
+        "its first progress record (attention kernels, compile, dtype, FP8, device, peak FLOP/s, "
+        "slow_fallbacks); {} until a trainer has written one. In a single job's answers only: null "
+        "in GET /jobs lists",
+    )
 
     @classmethod
-    def of(cls, job: Job, latest: Checkpoint | None = None) -> JobPublic:
+    def of(
+        cls, job: Job, latest: Checkpoint | None = None, kernels: dict[str, dict[str, Any]] | None = None
+    ) -> JobPublic:
         return cls(
             id=job.id,
             kind=job.kind,
@@ -123,6 +132,7 @@ class JobPublic(BaseModel):
             finished_at=job.finished_at,
             updated_at=job.updated_at,
             spec=job.spec,
+            kernels=kernels,
         )
 
 

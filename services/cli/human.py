@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-KERNEL_KEYS = ("kernels", "kernel_report")
-
 
 def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -61,19 +59,14 @@ def bytes_(n: Any) -> str:
     return f"{n:.0f} B"
 
 
-def kernel_report(
-    job: dict[str, Any], by_stage: dict[str, dict[str, Any]] | None = None
-) -> dict[str, Any] | None:
-    """The kernel report of a job (what runs on the device): the one the job status carries (at
-    the top level or in `progress`), else the current (or last) training stage's from
-    GET /jobs/{id}/kernels (`by_stage`)."""
-    for holder in (job, job.get("progress") or {}):
-        for key in KERNEL_KEYS:
-            if isinstance(holder.get(key), dict):
-                return holder[key]
-    if by_stage:
-        return by_stage.get(job.get("current_stage") or "") or list(by_stage.values())[-1]
-    return None
+def kernel_report(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The kernel report to show for a job (what runs on the device): the current training stage's,
+    else the newest one's, from the job status's `kernels` (training stage -> report)."""
+    by_stage = job.get("kernels") or {}
+    if not by_stage:
+        return None
+    current = by_stage.get(job.get("current_stage") or "")
+    return current if current is not None else list(by_stage.values())[-1]
 
 
 def kernel_line(report: dict[str, Any]) -> str:

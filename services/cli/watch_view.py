@@ -72,7 +72,7 @@ class WatchView:
     def event(self, line: str) -> None:
         self.console.print(line, highlight=False, markup=False)  # "[pretrain]" is text, not a style
 
-    def update(self, job: dict[str, Any], kernels: dict[str, dict[str, Any]] | None = None) -> None:
+    def update(self, job: dict[str, Any]) -> None:
         p = job.get("progress") or {}
         status = job.get("status", "?")
         name = job.get("name") or job.get("kind", "")
@@ -94,6 +94,6 @@ class WatchView:
             )
         else:
             self.progress.update(self.stage_task, visible=False)
-        report = human.kernel_report(job, kernels)
+        report = human.kernel_report(job)
         self.kernels.plain = f"  kernels: {human.kernel_line(report)}" if report else ""
         self.live.refresh()

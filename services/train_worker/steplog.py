@@ -18,8 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeGuard
 
-# Keys of a progress record that may hold the kernel report (what actually runs on the device).
-KERNEL_KEYS = ("kernels", "kernel_report")
+from shared.jobs.progress_file import kernel_report_of
 
 
 def _num(x: Any) -> TypeGuard[float]:
@@ -78,12 +77,10 @@ class StepLogger:
         now = self.clock()
         if self._started is None:
             self._started = now
-        if not self._kernels_logged:
-            for key in KERNEL_KEYS:
-                if isinstance(rec.get(key), dict):
-                    self.emit(f"kernels: {kernel_line(rec[key])}")
-                    self._kernels_logged = True
-                    break
+        report = None if self._kernels_logged else kernel_report_of(rec)
+        if report is not None:
+            self.emit(f"kernels: {kernel_line(report)}")
+            self._kernels_logged = True
         step, total = rec.get("step"), rec.get("total_steps")
         if not isinstance(step, int):
             return

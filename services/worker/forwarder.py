@@ -10,6 +10,12 @@ outage error into the follow loop, because the trainer must keep its GPU through
 record is written idempotently (metrics once per step, checkpoint rows upserted), so a record
 retried after a half-finished write leaves no duplicate.
 
+The first progress record of every trainer run carries its kernel report; when that lists slow
+fallbacks (a GPU running a slow attention path or an eager model, with the cause), the forwarder
+adds one `warning` event for that run naming each cause. The event records the time of the record
+that raised it, so a worker that restarts and replays the same record adds nothing; a new run of
+the stage (a resume) starts with a record of its own and is warned about again.
+
 A resumed run repeats the steps between its checkpoint and the point where the previous attempt
 died. Those steps were already recorded (and, training being deterministic, with the same
 values), so steps at or below the highest one recorded are not written again: the metric series
@@ -28,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.checkpoints import prune_missing
 from shared.db import registry
-from shared.db.models import MAX_INT32, Metric
+from shared.db.models import MAX_INT32, Event, Metric
 from shared.db.outage import is_outage
 from shared.db.session import session_scope
 from shared.jobs.progress_file import (
@@ -38,6 +44,7 @@ from shared.jobs.progress_file import (
     EvalRecord,
     Record,
     StepRecord,
+    kernel_report_of,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,10 @@ def max_recorded_step(session: Session, job_id: str, stage: str) -> int:
         select(func.max(Metric.step)).where(Metric.job_id == job_id, Metric.stage == stage)
     )
     return int(value) if value is not None else -1
+
+
+# The event type of warnings (events have one level per type; "error" is the other non-info one).
+WARNING = "warning"
 
 
 def has_metric(session: Session, job_id: str, stage: str, step: int, name: str) -> bool:
@@ -137,6 +148,9 @@ class ProgressForwarder:
             if rec.step > self.last_step:
                 registry.add_metrics(s, self.job_id, self.stage, rec.step, rec.metrics())
                 self.last_step = rec.step
+            report = kernel_report_of(rec)
+            if report is not None:
+                self._warn_slow_fallbacks(s, rec, report)
         elif isinstance(rec, EvalRecord):
             if rec.val_bpb is None:
                 return
@@ -166,6 +180,29 @@ class ProgressForwarder:
             prune_missing(s, self.job_id, self.kind)
         elif isinstance(rec, ErrorRecord):
             registry.add_event(s, self.job_id, "error", rec.message, stage=self.stage)
+
+    def _warn_slow_fallbacks(self, s: Session, rec: StepRecord, report: dict) -> None:
+        """One warning per trainer run whose kernel report lists slow fallbacks (GPU only)."""
+        causes = [str(c) for c in report.get("slow_fallbacks") or [] if c]
+        if not causes:
+            return
+        # The record's own time identifies the run that wrote it: a replay of it is no new run.
+        key = {"kind": "slow_fallbacks", "record_time": rec.time, "step": rec.step}
+        earlier = s.scalars(
+            select(Event.data).where(
+                Event.job_id == self.job_id, Event.stage == self.stage, Event.type == WARNING
+            )
+        )
+        if any(isinstance(d, dict) and all(d.get(k) == v for k, v in key.items()) for d in earlier):
+            return
+        registry.add_event(
+            s,
+            self.job_id,
+            WARNING,
+            f"{self.stage} runs slow kernels on {report.get('device') or 'its device'}: " + "; ".join(causes),
+            stage=self.stage,
+            data={**key, "causes": causes, "device": report.get("device")},
+        )
 
 
 def _progress_fields(rec: StepRecord) -> dict[str, float | int]:

@@ -16,6 +16,11 @@ Numbers that are not finite are written as null (JSON has no NaN). Keys a record
 name are preserved in `extra` both ways, so the trainer can report more (a kernel report, the
 schedule) without a schema change here; readers must ignore keys they do not know. Lines written
 before `stage` existed carry none: they are pretraining's.
+
+The kernel report (shared/nanochat/kernel_report.py: what actually runs on the device) rides in
+`extra` of the first `progress` record of every (re)started training run; `kernel_report_of` and
+`scan_kernel_reports` are the one way to find it (the API's job status, the stage log and the
+worker's slow-fallback warning all read it here).
 """
 
 from __future__ import annotations
@@ -247,3 +252,51 @@ class ProgressTail:
 def read_records(path: Path) -> list[Record]:
     """Every whole record in the file (the run report and a retried stage's replay read it all)."""
     return ProgressTail(path, start_at_end=False).read()
+
+
+# Keys of a progress record that may hold the kernel report: the trainer writes "kernels"; records
+# of older trainers said "kernel_report".
+KERNEL_KEYS = ("kernels", "kernel_report")
+# A scan for kernel reports reads at most this much of a progress file: the reports sit at the start
+# of each training stage, and a long run's file is mostly plain steps.
+MAX_KERNEL_SCAN_BYTES = 64 * 1024 * 1024
+
+
+def kernel_report_of(record: Record | dict[str, Any]) -> dict[str, Any] | None:
+    """The kernel report a progress record (typed, or a trainer hook's dict) carries, else None."""
+    holder = record.extra if isinstance(record, _Record) else record
+    if isinstance(record, _Record) and not isinstance(record, StepRecord):
+        return None
+    for key in KERNEL_KEYS:
+        if isinstance(holder.get(key), dict):
+            return holder[key]
+    return None
+
+
+def scan_kernel_reports(
+    path: Path, start: int = 0, found: dict[str, dict[str, Any]] | None = None
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """The first kernel report of each training stage in the progress file, from byte `start` on,
+    added to `found` (reports already there win: the first one counts). Returns (found, offset of
+    the first byte not read): the file only grows, so a caller may keep both and continue later.
+    An unfinished last line is left for the next call."""
+    found = dict(found or {})
+    try:
+        f = path.open("rb")
+    except (FileNotFoundError, NotADirectoryError):
+        return found, start
+    with f:
+        f.seek(start)
+        offset = start
+        while offset < MAX_KERNEL_SCAN_BYTES:
+            line = f.readline()
+            if not line.endswith(b"\n"):
+                break  # end of file, or a line the trainer is still writing
+            offset += len(line)
+            if b'"kernel' not in line:  # most lines are plain steps: skip them unparsed
+                continue
+            rec = parse_line(line)
+            report = kernel_report_of(rec) if rec is not None else None
+            if report is not None and rec is not None and rec.stage not in found:
+                found[rec.stage] = report
+    return found, offset

@@ -42,7 +42,7 @@ from shared.db.models import MAX_INT32, JobKind
 from shared.jobs.stages import DEFAULT_STAGES, NEEDS_MODEL, SELECTABLE_STAGES, check_stage_selection
 from shared.nanochat.config import GPTConfig
 from shared.nanochat.sft_config import SFTConfig
-from shared.nanochat.train_config import TrainConfig
+from shared.nanochat.train_config import FP8_ALIGN, TrainConfig
 from shared.paths import PathEscapeError, resolve_existing_source
 
 # Every count a spec gives is bounded by the registry's 32-bit integer columns (shared/db/models.py;
@@ -131,6 +131,12 @@ class ModelSpec(_Strict):
         ge=265,
         le=1 << 20,
         description="Tokenizer vocabulary incl. 9 specials",
+    )
+    fp8: bool = Field(
+        default=train_default("fp8"),
+        description="Pretrain the transformer-block matmuls in FP8 (TrainConfig.fp8; needs an FP8 GPU, "
+        f"and batch.device_batch_size * model.sequence_len divisible by {FP8_ALIGN}). Pretraining "
+        "only: SFT and evaluation always run in bf16, and checkpoints hold ordinary weights",
     )
 
     @field_validator("head_dim")
@@ -428,6 +434,7 @@ class JobSpec(_Strict):
                 self.tokenizer.vocab_size,
             )
         self._check_batch()
+        self._check_fp8()
         ctx = (info.context if info is not None else None) or {}
         if ctx.get("check_paths", True):
             self._check_paths(_allowed_roots(ctx))
@@ -445,6 +452,18 @@ class JobSpec(_Strict):
                 f"total_batch_size ({total} tokens) must be a multiple of device_batch_size x "
                 f"sequence_len x GPUs = {micro}",
                 total,
+            )
+
+    def _check_fp8(self) -> None:
+        # TrainConfig refuses the same, but only once the trainer starts: refuse at submit instead.
+        rows = self.batch.device_batch_size * self.model.sequence_len
+        if self.model.fp8 and rows % FP8_ALIGN:
+            raise field_error(
+                ("model", "fp8"),
+                f"model.fp8 needs batch.device_batch_size x model.sequence_len divisible by {FP8_ALIGN} "
+                f"(FP8 matmuls need every dimension aligned); got {self.batch.device_batch_size} x "
+                f"{self.model.sequence_len} = {rows}",
+                self.model.fp8,
             )
 
     def local_paths(self) -> list[tuple[tuple[str | int, ...], str]]:

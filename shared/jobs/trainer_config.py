@@ -37,6 +37,7 @@ def pretrain_config(
         max_seq_len=m.sequence_len,
         window_pattern=m.window_pattern.upper(),
         n_kv_head=m.n_kv_head,
+        fp8=m.fp8,  # pretraining only: sft_config never sets SFTConfig.fp8
         device_batch_size=b.device_batch_size,
         total_batch_size=b.total_batch_size,
         embedding_lr=o.embedding_lr,

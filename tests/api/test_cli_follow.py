@@ -113,7 +113,9 @@ def test_watch_view_draws_bars_rounded_values_and_kernels():
             "mfu": 0.4127,
             "eta_seconds": 3725.0,
             "peak_memory": 12.3e9,
-            "kernels": {"attention": {"S": "flex", "L": "fa3"}, "dtype": "bfloat16", "peak_flops": 989e12},
+        },
+        "kernels": {
+            "pretrain": {"attention": {"S": "flex", "L": "fa3"}, "dtype": "bfloat16", "peak_flops": 989e12},
         },
     }
     with view:
@@ -139,7 +141,7 @@ def test_watch_view_draws_bars_rounded_values_and_kernels():
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_watch_prints_the_trainers_kernel_line(live_server, db_url, settings, monkeypatch, capsys):
     """Off a terminal, `ncp jobs watch` prints the kernel report the trainer wrote with its first
-    step (read through GET /jobs/{id}/kernels) once, as a line of its own."""
+    step (the job status's `kernels`) once, as a line of its own, and `status` prints it too."""
     import json
 
     monkeypatch.setenv("NCP_API_URL", live_server.url)
@@ -170,3 +172,25 @@ def test_watch_prints_the_trainers_kernel_line(live_server, db_url, settings, mo
         engine.dispose()
     out = capsys.readouterr().out
     assert out.count("kernels: attention.L sdpa · compiled False · device cpu") == 1
+    assert ncp(["jobs", "status", job_id]) == 0
+    assert "  kernels · pretrain: attention.L sdpa · compiled False · device cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_submit_fp8_flag_reaches_the_stored_spec(live_server, db_url, settings, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("NCP_API_URL", live_server.url)
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    assert ncp(["jobs", "submit", "--preset", "demo", "--fp8", "--json"]) == 0
+    on = json.loads(capsys.readouterr().out)["id"]
+    assert ncp(["jobs", "submit", "--preset", "demo", "--json"]) == 0
+    off = json.loads(capsys.readouterr().out)["id"]
+    stored = {j: httpx.get(f"{live_server.url}/jobs/{j}").json()["spec"]["model"]["fp8"] for j in (on, off)}
+    assert stored == {on: True, off: False}
+    # Misaligned rows are refused at submit, naming the field (not later, in the trainer).
+    odd = ["--set", "model.sequence_len=17", "--set", "batch.total_batch_size=null"]
+    rc = ncp(["jobs", "submit", "--preset", "demo", "--fp8", *odd])
+    assert rc == 1 and "model.fp8" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """What the console reads besides the job API: its pages, eval samples, the kernel report of each
-training stage, and the report as HTML (with model output escaped, never executed)."""
+training stage (in the job status), and the report as HTML (with model output escaped, never executed)."""
 
 from __future__ import annotations
 
@@ -70,19 +70,28 @@ def test_samples(client, job):
     assert body["base_step"] == 20 and body["base"] == [{"prompt": "The sky is", "completion": " blue 20"}]
 
 
-def test_kernel_report_of_each_training_stage(client, job):
+def test_job_status_carries_the_kernel_report_of_each_training_stage(client, job):
     job_id, run = job
-    assert client.get(f"/jobs/{job_id}/kernels").json() == {"stages": {}}
+    assert client.get(f"/jobs/{job_id}").json()["kernels"] == {}  # no trainer has written one yet
     pre = {"attention": {"S": "flex", "L": "fa3"}, "compiled": True, "dtype": "bfloat16", "fp8": False}
     lines = [
         {"type": "progress", "step": 1, "loss": 5.0, "kernels": pre},
         *({"type": "progress", "step": s, "loss": 5.0} for s in range(2, 500)),
-        {"type": "progress", "stage": "sft", "step": 1, "kernel_report": {"dtype": "float32"}},
-        {"type": "progress", "stage": "sft", "step": 2, "kernel_report": {"dtype": "changed"}},
+        {"type": "progress", "step": 1, "loss": 5.0, "kernels": {"dtype": "a resumed run's"}},
     ]
     run.progress_file.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"type": "progress", "kern')
-    body = client.get(f"/jobs/{job_id}/kernels").json()
-    assert body == {"stages": {"pretrain": pre, "sft": {"dtype": "float32"}}}  # the first of each stage
+    assert client.get(f"/jobs/{job_id}").json()["kernels"] == {"pretrain": pre}
+    # The file grows (the torn line completes, SFT starts): the next status reads on from there.
+    with run.progress_file.open("a") as f:
+        f.write('el_report": {"dtype": "torn"}, "stage": "sft", "step": 1}\n')
+        for step, dtype in ((1, "float32"), (2, "changed")):
+            rec = {"type": "progress", "stage": "sft", "step": step, "kernel_report": {"dtype": dtype}}
+            f.write(json.dumps(rec) + "\n")
+    body = client.get(f"/jobs/{job_id}").json()
+    assert body["kernels"] == {"pretrain": pre, "sft": {"dtype": "torn"}}  # the first of each stage
+    assert client.post(f"/jobs/{job_id}/cancel").json()["kernels"] == body["kernels"]
+    assert client.get("/jobs").json()["data"][0]["kernels"] is None  # lists do not read run folders
+    assert client.get(f"/jobs/{job_id}/kernels").status_code == 404  # one reader: the job status
 
 
 def test_report_html_escapes_raw_html(client, job):

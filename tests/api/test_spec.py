@@ -29,6 +29,23 @@ def test_defaults_per_kind():
     assert spec.stages == ["sft", "chat_eval"]
 
 
+def test_fp8_refused_at_submit_when_the_batch_rows_are_not_aligned():
+    from shared.nanochat.train_config import FP8_ALIGN, TrainConfig
+
+    data = {"model": {"fp8": True, "sequence_len": 17}, "batch": {"device_batch_size": 3}}
+    field, msg = bad_field(data)
+    assert field == "model.fp8"
+    assert "batch.device_batch_size" in msg and "model.sequence_len" in msg and str(FP8_ALIGN) in msg
+    # The trainer would refuse the same numbers: the spec only moves the refusal to submit time.
+    with pytest.raises(ValueError, match="fp8"):
+        TrainConfig(
+            data_dir="d", tokenizer_dir="t", checkpoint_dir="c", fp8=True, device_batch_size=3, max_seq_len=17
+        )
+    # Aligned rows (3 x 32) or FP8 off: accepted.
+    assert JobSpec.model_validate({**data, "model": {"fp8": True, "sequence_len": 32}}).model.fp8 is True
+    assert JobSpec.model_validate({**data, "model": {"fp8": False, "sequence_len": 17}}).model.fp8 is False
+
+
 def test_demo_preset_is_tiny_and_cpu():
     spec = demo_spec()
     assert 2 <= spec.model.depth <= 4 and spec.model.head_dim == 64
@@ -49,6 +66,8 @@ def test_demo_preset_is_tiny_and_cpu():
         ({"model": {"depth": 4, "head_dim": 63}}, "model.head_dim"),
         ({"model": {"depth": 4, "window_pattern": "SXL"}}, "model.window_pattern"),
         ({"model": {"depth": 4, "n_kv_head": 3}}, "model.n_kv_head"),
+        ({"model": {"fp8": "true"}}, "model.fp8"),
+        ({"model": {"fp8": 1}}, "model.fp8"),
         ({"horizon": {"num_iterations": -5}}, "horizon.num_iterations"),
         ({"horizon": {"num_iterations": 10, "target_flops": 1e18}}, "horizon.target_flops"),
         ({"checkpoint": {"every": -1}}, "checkpoint.every"),

@@ -51,6 +51,7 @@ def test_validation_tokens_have_one_definition():
         ("model", "sequence_len", 512, "max_seq_len"),
         ("model", "window_pattern", "L", "window_pattern"),
         ("model", "n_kv_head", 1, "n_kv_head"),
+        ("model", "fp8", True, "fp8"),
         ("horizon", "num_iterations", 77, "num_iterations"),
         ("horizon", "target_flops", 1e15, "target_flops"),
         ("horizon", "target_param_data_ratio", 8.0, "target_param_data_ratio"),
@@ -77,6 +78,13 @@ def test_every_training_knob_reaches_the_trainer(section, key, value, field):
     cfg = _pretrain(JobSpec.model_validate(data))
     assert getattr(cfg, field) == value
     assert getattr(_pretrain(JobSpec()), field) != value  # the case tests a change
+
+
+def test_fp8_is_for_pretraining_only():
+    spec = JobSpec.model_validate({"kind": "pipeline", "model": {"fp8": True}})
+    assert _pretrain(spec).fp8 is True
+    sft = sft_config(spec, tokenizer_dir=Path("/t"), base_dir=Path("/b"), out_dir=Path("/o"), resume=False)
+    assert sft.fp8 is False  # SFT (and evaluation) stay bf16 whatever the spec says
 
 
 def test_seed_reaches_both_trainers():

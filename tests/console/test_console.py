@@ -125,6 +125,11 @@ def demo_job(browser, platform, artifacts) -> str:
         assert page.query_selector("[data-testid=samples] .sample")
         assert page.eval_on_selector("[data-testid=report] img", "img => img.naturalWidth") > 100
         assert int(page.get_attribute("[data-testid=chart-pretrain-bpb]", "data-points")) >= 2
+        # each training stage's kernel report, from the job status (GET /jobs/{id}: kernels)
+        kernel_lines = [e.text_content() or "" for e in page.query_selector_all("[data-testid=kernels]")]
+        # (text_content: the label is upper-cased by CSS only)
+        assert [line.split()[2] for line in kernel_lines] == ["pretrain", "sft"], kernel_lines
+        assert all("device_backend cpu" in line for line in kernel_lines), kernel_lines
         return job_id
     except Exception:
         console.shot("demo-job-failure")
@@ -294,3 +299,24 @@ def test_demo_console_mode_prints_the_url_and_serves_it(tmp_path):
         assert proc.wait(timeout=90) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(url, timeout=2)  # stopped with it
+
+
+def test_fp8_checkbox_reaches_the_submitted_spec(console, platform):
+    """The new-job form's FP8 box becomes `model.fp8` of the spec the API stores. The job is
+    cancelled at once: only the spec is under test."""
+    console.sign_in(TOKEN)
+    console.goto("/console/new")
+    page = console.page
+    page.wait_for_selector("[data-testid=plan-params]")
+    assert page.is_checked("input[name=fp8]") is False  # the demo preset trains in bf16
+    assert '"fp8": false' in (page.text_content("pre.spec") or "")
+    page.check("input[name=fp8]")
+    page.wait_for_function("() => document.querySelector('pre.spec').textContent.includes('\"fp8\": true')")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/jobs")) as sent:
+        page.click("[data-testid=submit]")
+    assert sent.value.post_data_json["model"]["fp8"] is True
+    page.wait_for_url(re.compile(r"/console/jobs/[0-9a-f-]{36}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    with platform.api() as api:
+        assert api.get(f"/jobs/{job_id}").json()["spec"]["model"]["fp8"] is True
+        assert api.post(f"/jobs/{job_id}/cancel").status_code == 202

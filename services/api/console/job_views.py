@@ -1,11 +1,10 @@
-"""Read models of a job's run folder that the console (and `ncp jobs watch`) show: the newest
-evaluation samples, the kernel report of each training stage, and the run report rendered as HTML
-(raw HTML in the Markdown is escaped, not passed through: the report quotes model output)."""
+"""Read models of a job's run folder that the console shows: the newest evaluation samples and the
+run report rendered as HTML (raw HTML in the Markdown is escaped, not passed through: the report
+quotes model output). Each training stage's kernel report is part of the job status
+(GET /jobs/{id}: `kernels`)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -62,50 +61,6 @@ def job_samples(job_id: str, session: SessionDep, settings: SettingsDep, _auth: 
         chat=_samples(chat),
         chat_step=(chat or {}).get("step"),
     )
-
-
-# Where a training stage's first progress record carries what actually runs on the device
-# (attention kernels, compile, dtype, FP8, device, peak FLOPs): under one of these keys.
-KERNEL_KEYS = ("kernels", "kernel_report")
-MAX_KERNEL_SCAN_BYTES = 64 * 1024 * 1024
-
-
-class KernelsPublic(BaseModel):
-    stages: dict[str, dict[str, Any]] = Field(
-        description="Training stage -> the kernel report of its first progress record (stages without one are absent)"
-    )
-
-
-def kernel_reports(progress_file: Path) -> dict[str, dict[str, Any]]:
-    """The first kernel report of each training stage in progress.jsonl."""
-    found: dict[str, dict[str, Any]] = {}
-    if not progress_file.is_file():
-        return found
-    read = 0
-    with progress_file.open("rb") as f:
-        for line in f:
-            read += len(line)
-            if read > MAX_KERNEL_SCAN_BYTES:
-                break
-            if b'"kernel' not in line:  # most lines are plain progress: skip them unparsed
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            stage = str(rec.get("stage", "pretrain"))
-            if rec.get("type") != "progress" or stage in found:
-                continue
-            report = next((rec[k] for k in KERNEL_KEYS if isinstance(rec.get(k), dict)), None)
-            if report is not None:
-                found[stage] = report
-    return found
-
-
-@router.get("/kernels", response_model=KernelsPublic, responses=_ERRORS, summary="What runs on the device")
-def job_kernels(job_id: str, session: SessionDep, settings: SettingsDep, _auth: AuthDep) -> KernelsPublic:
-    registry.get_job(session, job_id)
-    return KernelsPublic(stages=kernel_reports(run_paths(settings.runs_dir, job_id).progress_file))
 
 
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -16,7 +19,9 @@ from shared.db import registry
 from shared.db.models import JobKind, JobStatus
 from shared.db.session import session_scope
 from shared.jobs.dispatch import enqueue_job
+from shared.jobs.progress_file import scan_kernel_reports
 from shared.jobs.spec import JobCreate
+from shared.paths import run_paths
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,43 @@ def enqueue(job_id: str, settings: Settings, sessions: sessionmaker[Session]) ->
         return False
 
 
-def _public(session: Any, job: Any) -> JobPublic:
-    return JobPublic.of(job, registry.latest_checkpoint(session, job.id))
+class KernelReports:
+    """Each job's kernel reports (training stage -> report), read from its progress file. A job
+    status is polled every second or two while it runs, and the file only grows: each read
+    continues where the last one stopped instead of scanning the whole file again."""
+
+    MAX_FILES = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # path -> (inode, bytes read, reports found)
+        self._seen: OrderedDict[Path, tuple[int, int, dict[str, dict[str, Any]]]] = OrderedDict()
+
+    def of(self, progress_file: Path) -> dict[str, dict[str, Any]]:
+        try:
+            st = progress_file.stat()
+        except OSError:
+            return {}
+        with self._lock:
+            ino, offset, found = self._seen.get(progress_file, (st.st_ino, 0, {}))
+        if ino != st.st_ino or st.st_size < offset:  # replaced or truncated: start over
+            offset, found = 0, {}
+        if st.st_size > offset:
+            found, offset = scan_kernel_reports(progress_file, offset, found)
+        with self._lock:
+            self._seen[progress_file] = (st.st_ino, offset, found)
+            self._seen.move_to_end(progress_file)
+            while len(self._seen) > self.MAX_FILES:
+                self._seen.popitem(last=False)
+        return found
+
+
+KERNELS = KernelReports()
+
+
+def _public(session: Any, job: Any, settings: Settings) -> JobPublic:
+    kernels = KERNELS.of(run_paths(settings.runs_dir, job.id).progress_file)
+    return JobPublic.of(job, registry.latest_checkpoint(session, job.id), kernels=kernels)
 
 
 @router.post(
@@ -82,7 +122,7 @@ def submit_job(
         enqueue(job.id, settings, request.app.state.session_factory)
         job = registry.get_job(session, job.id)
     response.headers["Location"] = f"/jobs/{job.id}"
-    return _public(session, job)
+    return _public(session, job, settings)
 
 
 @router.get("", response_model=JobsPublic, responses=_ERRORS, summary="List jobs, newest first")
@@ -114,8 +154,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Job status and progress")
-def get_job(job_id: JobId, session: SessionDep, _auth: AuthDep) -> JobPublic:
-    return _public(session, registry.get_job(session, job_id))
+def get_job(job_id: JobId, session: SessionDep, settings: SettingsDep, _auth: AuthDep) -> JobPublic:
+    return _public(session, registry.get_job(session, job_id), settings)
 
 
 @router.post(
@@ -125,8 +165,8 @@ def get_job(job_id: JobId, session: SessionDep, _auth: AuthDep) -> JobPublic:
     responses=error_responses(401, 403, 404, 409, 422, 503),
     summary="Cancel a job (409 if it already finished)",
 )
-def cancel_job(job_id: JobId, session: SessionDep, _auth: AuthDep) -> JobPublic:
-    return _public(session, registry.request_cancel(session, job_id))
+def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, _auth: AuthDep) -> JobPublic:
+    return _public(session, registry.request_cancel(session, job_id), settings)
 
 
 @router.post(
@@ -141,4 +181,4 @@ def resume_job(
 ) -> JobPublic:
     registry.resume_job(session, job_id)
     enqueue(job_id, settings, request.app.state.session_factory)
-    return _public(session, registry.get_job(session, job_id))
+    return _public(session, registry.get_job(session, job_id), settings)

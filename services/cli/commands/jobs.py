@@ -66,6 +66,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         "kind": args.kind,
         "name": args.name,
         "model.depth": args.depth,
+        "model.fp8": args.fp8,  # True or None: without the flag the spec (or preset) decides
         "horizon.num_iterations": args.num_iterations,
         "hardware.gpus": args.gpus,
         "hardware.device": args.device,
@@ -87,7 +88,6 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-TRAINING_STAGES = ("pretrain", "sft")
 # How long `follow` waits, once the job has finished, for the event stream to deliver its last events.
 END_GRACE_SECONDS = 5.0
 
@@ -106,8 +106,8 @@ def follow(client: JobsClient, job_id: str, out: Any = None, poll_seconds: float
 
     last = {"line": "", "kernels": ""}
 
-    def on_job(job: dict[str, Any], kernels: dict[str, dict[str, Any]]) -> None:
-        report = human.kernel_report(job, kernels)
+    def on_job(job: dict[str, Any]) -> None:
+        report = human.kernel_report(job)
         line = human.kernel_line(report) if report else ""
         if line and line != last["kernels"]:
             last["kernels"] = line
@@ -124,12 +124,10 @@ def _follow(
     client: JobsClient,
     job_id: str,
     on_event: Callable[[str], None],
-    on_job: Callable[[dict[str, Any], dict[str, dict[str, Any]]], None],
+    on_job: Callable[[dict[str, Any]], None],
     poll_seconds: float,
 ) -> dict[str, Any]:
     events: queue.Queue[Any] = queue.Queue()
-    kernels: dict[str, dict[str, Any]] = {}
-    kernels_checked = 0.0
 
     def reader() -> None:
         try:
@@ -158,15 +156,8 @@ def _follow(
                 ev = item.json()
                 stage = f"[{ev['stage']}] " if ev.get("stage") else ""
                 on_event(f"{ev['ts'][11:19]} {stage}{ev['message']}")
-        job = client.get(job_id)
-        current = job.get("current_stage")
-        if current in TRAINING_STAGES and current not in kernels and time.monotonic() - kernels_checked > 5.0:
-            kernels_checked = time.monotonic()  # the trainer writes it once, with its first step
-            try:
-                kernels = client.kernels(job_id)
-            except ApiClientError:
-                pass  # an API without the route, or a blip: the line just stays empty
-        on_job(job, kernels)
+        job = client.get(job_id)  # carries the kernel report once the trainer has written it
+        on_job(job)
         if job["status"] in TERMINAL:
             if stream_done and events.empty():
                 return job
@@ -237,6 +228,8 @@ def _status(client: JobsClient, args: argparse.Namespace) -> int:
     for st in job["stages"]:
         err = f"  {st['error']}" if st.get("error") else ""
         print(f"  {st['order'] + 1}. {st['name']:10} {st['status']}{err}")
+    for stage, report in (job.get("kernels") or {}).items():
+        print(f"  kernels · {stage}: {human.kernel_line(report)}")
     if job.get("latest_checkpoint"):
         c = job["latest_checkpoint"]
         bpb = f", val_bpb {c['val_bpb']:.4f}" if c.get("val_bpb") is not None else ""
@@ -319,6 +312,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--name")
     s.add_argument("--depth", type=int)
     s.add_argument("--num-iterations", type=int)
+    s.add_argument(
+        "--fp8",
+        action="store_true",
+        default=None,
+        help="pretrain in FP8 (model.fp8; needs an FP8 GPU; SFT and eval stay bf16)",
+    )
     s.add_argument("--gpus", type=int)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--data-source", choices=["demo", "local", "remote"])

@@ -62,16 +62,6 @@ export function between(a, b) {
   return ((b ? Date.parse(b) : Date.now()) - Date.parse(a)) / 1000;
 }
 
-// The kernel report (what actually runs on the device) of a job, where the job status carries it.
-export function kernelReport(job) {
-  for (const holder of [job || {}, (job && job.progress) || {}]) {
-    for (const key of ["kernels", "kernel_report"]) {
-      if (holder[key] && typeof holder[key] === "object") return holder[key];
-    }
-  }
-  return null;
-}
-
 export function kernelLine(report) {
   const parts = [];
   const walk = (prefix, obj) => {

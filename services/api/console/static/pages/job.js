@@ -114,27 +114,6 @@ export function JobPage({ id }) {
     return () => ctrl.abort();
   }, [id, generation]);
 
-  // The kernel report the trainer writes with its first step (GET /jobs/{id}/kernels): asked for
-  // once, and every 5 s while a training stage runs without one yet.
-  const [kernels, setKernels] = useState({});
-  const stage = job && job.current_stage;
-  const training = job && job.status === "running" && (stage === "pretrain" || stage === "sft");
-  useEffect(() => {
-    const ctrl = new AbortController();
-    let timer;
-    const tick = async () => {
-      try {
-        const body = await api(`/jobs/${id}/kernels`, { signal: ctrl.signal });
-        setKernels(body.stages);
-        if (training && !body.stages[stage]) timer = setTimeout(tick, 5000);
-      } catch (e) {
-        /* no report is shown; the rest of the page does not depend on it */
-      }
-    };
-    if (job) tick();
-    return () => (ctrl.abort(), clearTimeout(timer));
-  }, [id, !!job, stage, training]);
-
   if (!job) return html`<div>${error ? html`<${ErrorNote} error=${error} />` : html`<p class="muted">Loading job…</p>`}</div>`;
   // A training stage gets its charts once it has started (or has data, e.g. a resumed job's).
   const stages = ["pretrain", "sft"].filter(
@@ -142,7 +121,7 @@ export function JobPage({ id }) {
       job.stages.some((st) => st.name === s && st.status !== "pending") || store.current.stages().includes(s),
   );
   return html`<div class="job-page" data-job=${job.id}>
-    <${Header} job=${job} kernels=${kernels} onChange=${(j) => setJob(j)} onResume=${() => setGeneration((g) => g + 1)} />
+    <${Header} job=${job} onChange=${(j) => setJob(j)} onResume=${() => setGeneration((g) => g + 1)} />
     <${ErrorNote} error=${error} />
     <${Timeline} job=${job} />
     ${stages.map(
@@ -163,7 +142,7 @@ export function JobPage({ id }) {
   </div>`;
 }
 
-function Header({ job, kernels, onChange, onResume }) {
+function Header({ job, onChange, onResume }) {
   const [confirming, setConfirming] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState(null);
@@ -191,9 +170,8 @@ function Header({ job, kernels, onChange, onResume }) {
     }
     act("cancel");
   };
-  // The job status's own report if it carries one, else each training stage's from its trainer.
-  const own = fmt.kernelReport(job);
-  const reports = own ? { [job.current_stage || "job"]: own } : kernels;
+  // Each training stage's kernel report (what runs on the device), part of the job status.
+  const reports = job.kernels || {};
   return html`<div class="card job-head">
     <div class="job-title">
       <h2>${job.name || job.kind} <span class="mono muted small">${job.id}</span></h2>

@@ -1,4 +1,4 @@
-// The new-job form: kind, preset, depth, data source, horizon, GPUs. The plan (parameters, FLOPs,
+// The new-job form: kind, preset, depth, FP8, data source, horizon, GPUs. The plan (parameters, FLOPs,
 // iterations, estimated time on the chosen GPU) is asked of the server (POST /plan) as the form
 // changes, before anything is submitted; the server's 422s appear beside the field they name.
 
@@ -26,6 +26,7 @@ function fieldsOf(spec) {
     kind: spec.kind || "pipeline",
     name: spec.name || "",
     depth: String((spec.model || {}).depth ?? 20),
+    fp8: (spec.model || {}).fp8 === true,
     source: data.source || "demo",
     path: data.path || "",
     repo: data.repo || "",
@@ -44,7 +45,8 @@ export function buildSpec(base, f) {
   if (f.name.trim()) spec.name = f.name.trim();
   else delete spec.name;
   if (f.kind !== (base || {}).kind) delete spec.stages; // the kind's default stages
-  spec.model = { ...(spec.model || {}), depth: number(f.depth) };
+  // fp8 is always sent, like depth: what the box shows is what runs (pretraining only).
+  spec.model = { ...(spec.model || {}), depth: number(f.depth), fp8: f.fp8 };
   const data = { ...(spec.data || {}), source: f.source };
   delete data.path;
   delete data.repo;
@@ -67,7 +69,7 @@ function errorsByField(err) {
   return out;
 }
 
-const FORM_FIELDS = ["kind", "name", "model.depth", "data.source", "data.path", "data.repo", "horizon", "hardware.gpus", "hardware.device", "gpu"];
+const FORM_FIELDS = ["kind", "name", "model.depth", "model.fp8", "data.source", "data.path", "data.repo", "horizon", "hardware.gpus", "hardware.device", "gpu"];
 
 function placeFor(field) {
   // A nested field the form does not show (e.g. model.vocab_size) is reported at the top.
@@ -168,6 +170,10 @@ export function NewJobPage() {
           <label>depth (layers)
             <input name="depth" type="number" value=${f.depth} onInput=${set("depth")} />
             <${FieldError} errors=${errors} name="model.depth" /></label>
+          <label class="check" title="Pretraining matmuls in FP8 (needs an FP8 GPU); SFT and evaluation stay bf16">
+            <input name="fp8" type="checkbox" checked=${f.fp8} onChange=${(e) => setF({ ...f, fp8: e.target.checked })} />
+            FP8 pretraining
+            <${FieldError} errors=${errors} name="model.fp8" /></label>
           <label>data source
             <select name="source" value=${f.source} onChange=${set("source")}>
               <option value="demo">demo (offline, generated)</option>
