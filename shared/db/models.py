@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # --- vocabularies --------------------------------------------------------------------------------
-JobKind = Literal["pipeline", "pretrain", "sft", "eval"]
+JobKind = Literal["pipeline", "pretrain", "sft", "eval", "import"]
 JobStatus = Literal["queued", "running", "cancelling", "cancelled", "succeeded", "failed"]
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
