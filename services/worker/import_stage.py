@@ -5,17 +5,20 @@ writes, into a temp folder renamed into place; this stage adds what a job needs 
 - the source folder is checked again when it is read, every entry with symlinks followed (the spec
   was checked at submit; the folder may hold links to anywhere, or have changed since);
 - a retry after a worker crash finds the model its own earlier attempt renamed into place (the
-  manifest records the job id) and reuses it instead of failing on "name exists";
-- the model is registered in the model registry and the job's events carry the summary.
+  manifest records the job id) and reuses it instead of failing on "name exists"; the same for
+  its registration;
+- a name the model registry already holds is refused before anything is written; the model is
+  registered (shared/db/model_registry.py) and the job's events carry the summary.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from services.worker.context import StageContext, StageError
-from shared.db import registry
+from shared.db import model_registry, registry
 from shared.db.session import session_scope
 from shared.jobs.stage_outputs import ImportOutputs
 from shared.paths import PathEscapeError, confine_tree, resolve_under_roots
@@ -44,6 +47,10 @@ def _summary(manifest: dict[str, Any]) -> str:
     return text + "".join(f"; warning: {w}" for w in warnings)
 
 
+def _ours(manifest: dict[str, Any] | None, job_id: str) -> bool:
+    return (manifest or {}).get("job_id") == job_id
+
+
 def stage_import(ctx: StageContext) -> ImportOutputs:
     from shared.nanochat.nanochat_import import NanochatImportError, import_nanochat
 
@@ -54,6 +61,15 @@ def stage_import(ctx: StageContext) -> ImportOutputs:
         src = confine_tree(resolve_under_roots(spec.path, ctx.roots), ctx.roots)
     except (PathEscapeError, FileNotFoundError) as e:
         raise StageError("bad_source", f"import.path: {e}") from None
+    with session_scope(ctx.sessions) as s:
+        held = model_registry.get_model(s, spec.name)
+        # A name taken since submit is refused before anything is written; our own earlier
+        # attempt's registration is not a conflict.
+        if held is not None and not _ours(held.manifest, ctx.job_id):
+            raise StageError(
+                "model_exists",
+                f"import.name: model {spec.name!r} already exists ({held.source} model at {held.path})",
+            )
     dest = ctx.settings.models_dir / spec.name
     manifest = _earlier_attempt(dest, ctx.job_id)
     reused = manifest is not None
@@ -62,6 +78,14 @@ def stage_import(ctx: StageContext) -> ImportOutputs:
             manifest = import_nanochat(src, ctx.settings.models_dir, spec.name, job_id=ctx.job_id)
         except NanochatImportError as e:
             raise StageError("import_refused", str(e)) from None
+    if held is None:
+        try:
+            with session_scope(ctx.sessions) as s:
+                model_registry.register_import(s, manifest)
+        except model_registry.ModelExists as e:  # registered concurrently under the same name
+            if not reused:
+                shutil.rmtree(dest, ignore_errors=True)
+            raise StageError("model_exists", f"import.{e}") from None
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "model", str(dest), "model")
     tok = manifest.get("tokenizer")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.worker.pipeline import run_stage
-from shared.db import registry
+from shared.db import model_registry, registry
 from shared.db.session import session_scope
 from shared.nanochat.nanochat_import import import_nanochat, read_manifest
 from shared.settings import get_settings
@@ -60,6 +60,7 @@ def _job(sessions, job_id):
 
 
 def _models() -> list[str]:
+    # NCP_HOME is the test's own; the registry database is the module's (names differ per test).
     d = get_settings().models_dir
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
@@ -87,6 +88,11 @@ def test_import_job_through_workers(procs, sessions, submit, waiter, base_dir):
     assert manifest == read_manifest(dest) | {"path": str(dest)}
     assert manifest["job_id"] == job_id and manifest["source"]["path"] == str(base_dir.resolve())
     assert [(c["phase"], c["tag"], c["steps"]) for c in manifest["checkpoints"]] == [("base", "d2", [3])]
+    with session_scope(sessions) as s:
+        model = model_registry.require_model(s, NAME)
+        assert model.source == "import" and model.path == str(dest) and model.checkpoint_tag == "d2"
+        assert [(c.phase, c.step) for c in model.checkpoints] == [("base", 3)]
+        assert model.tokenizer_path == str(dest / "tokenizer") and model.vocab_size == 300
     imported = [e for e in events if e.type == "model_imported"]
     assert len(imported) == 1 and f"imported model {NAME!r}" in imported[0].message
     assert "base d2 steps [3]" in imported[0].message
@@ -97,13 +103,16 @@ def test_import_job_through_workers(procs, sessions, submit, waiter, base_dir):
 
 
 def test_retried_stage_reuses_its_own_import(sessions, submit, base_dir):
-    job_id = submit(_spec(base_dir), enqueue=False)
+    job_id = submit(_spec(base_dir, "retried"), enqueue=False)
     models = get_settings().models_dir
     # What a first attempt leaves when its worker dies after the rename, before recording success.
-    import_nanochat(base_dir, models, NAME, job_id=job_id)
+    import_nanochat(base_dir, models, "retried", job_id=job_id)
     assert _run(sessions, job_id) == "ran"
     _, stages, _ = _job(sessions, job_id)
     assert stages["import"].status == "succeeded" and stages["import"].outputs["reused"] is True
+    with session_scope(sessions) as s:
+        model = model_registry.require_model(s, "retried")
+        assert model.path == str(models / "retried") and (model.manifest or {})["job_id"] == job_id
 
     # What an attempt that died while writing leaves: its half-written temp folder, cleared.
     half = submit(_spec(base_dir, "half"), enqueue=False)
@@ -111,20 +120,27 @@ def test_retried_stage_reuses_its_own_import(sessions, submit, base_dir):
     assert _run(sessions, half) == "ran"
     _, stages, _ = _job(sessions, half)
     assert stages["import"].outputs["reused"] is False
-    assert _models() == ["half", NAME]
+    assert _models() == ["half", "retried"]
+
+    # A worker that died after registering, before recording success: the registration is its own.
+    late = submit(_spec(base_dir, "late"), enqueue=False)
+    manifest = import_nanochat(base_dir, models, "late", job_id=late)
+    with session_scope(sessions) as s:
+        model_registry.register_import(s, manifest)
+    assert _run(sessions, late) == "ran"
 
     # Another job taking the same name fails, naming it; the first model is untouched.
-    other = submit(_spec(base_dir), enqueue=False)
+    other = submit(_spec(base_dir, "retried"), enqueue=False)
     assert _run(sessions, other) == "failed"
     job, _, _ = _job(sessions, other)
-    assert job.status == "failed" and job.error_code == "import_refused"
-    assert f"model {NAME!r} already exists" in (job.error_message or "")
-    assert read_manifest(models / NAME)["job_id"] == job_id
+    assert job.status == "failed" and job.error_code == "model_exists"
+    assert "import.name: model 'retried' already exists" in (job.error_message or "")
+    assert read_manifest(models / "retried")["job_id"] == job_id
 
 
 def test_pickle_that_is_not_an_encoding_fails_and_writes_nothing(sessions, submit, base_dir):
     (base_dir / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps({"not": "an encoding"}))
-    job_id = submit(_spec(base_dir), enqueue=False)
+    job_id = submit(_spec(base_dir, "bad-pickle"), enqueue=False)
     assert _run(sessions, job_id) == "failed"
     job, stages, _ = _job(sessions, job_id)
     assert job.status == "failed" and stages["import"].status == "failed"
@@ -139,7 +155,7 @@ def test_symlink_inside_the_source_pointing_outside_is_refused(sessions, submit,
     pkl = base_dir / "tokenizer" / "tokenizer.pkl"
     shutil.move(pkl, outside / "tokenizer.pkl")
     pkl.symlink_to(outside / "tokenizer.pkl")
-    job_id = submit(_spec(base_dir), enqueue=False)  # the folder itself lies inside the root
+    job_id = submit(_spec(base_dir, "linked"), enqueue=False)  # the folder itself lies inside the root
     assert _run(sessions, job_id) == "failed"
     job, _, _ = _job(sessions, job_id)
     assert job.error_code == "bad_source"
