@@ -59,7 +59,7 @@ def stage_import(ctx: StageContext) -> ImportOutputs:
         raise StageError("bad_spec", "import: the job spec has no import section")
     try:
         src = confine_tree(resolve_under_roots(spec.path, ctx.roots), ctx.roots)
-    except (PathEscapeError, FileNotFoundError) as e:
+    except (PathEscapeError, OSError) as e:  # OSError: missing, unreadable, name too long
         raise StageError("bad_source", f"import.path: {e}") from None
     with session_scope(ctx.sessions) as s:
         held = model_registry.get_model(s, spec.name)

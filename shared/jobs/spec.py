@@ -511,6 +511,8 @@ class JobSpec(_Strict):
                 resolved = resolve_existing_source(raw, roots)
             except (PathEscapeError, FileNotFoundError) as e:
                 raise field_error(loc, str(e), raw) from None
+            except OSError as e:  # a name too long for the filesystem, a folder we may not read
+                raise field_error(loc, f"path {raw[:200]!r} cannot be checked: {e.strerror}", raw) from None
             if loc == ("import", "path") and not resolved.is_dir():
                 raise field_error(loc, f"path {raw!r} is not a directory (a nanochat base dir)", raw)
 
