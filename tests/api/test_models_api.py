@@ -154,3 +154,36 @@ def test_models_routes_need_the_token(settings):
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", path
         ok = c.get("/models", headers={"Authorization": "Bearer s3cret-token-value"})
         assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_ncp_models_cli(live_server, db_url, sessions, tiny_run, monkeypatch, capsys):
+    from services.cli.main import main as ncp
+    from shared.settings import get_settings
+
+    monkeypatch.setenv("NCP_API_URL", live_server.url)
+    get_settings.cache_clear()
+    try:
+        assert ncp(["models", "list"]) == 0
+        assert "no models yet" in capsys.readouterr().out
+        with sessions() as s:
+            mr.register_import(s, _manifest("tiny", tiny_run), parent_model="up-d20")
+            mr.record_export(s, "tiny", tiny_run / "export", phase="sft", step=5)
+        assert ncp(["models", "list"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split()[:6] == ["NAME", "SOURCE", "VOCAB", "BASE", "SFT", "EXPORTS"]
+        assert out[1].split()[:6] == ["tiny", "import", "300", "-", "5", "1"]
+        assert out[1].endswith("/upstream/tiny <- up-d20")
+        assert ncp(["models", "show", "tiny"]) == 0
+        shown = capsys.readouterr().out
+        assert "imported:   from /upstream/tiny" in shown and "parent:     up-d20" in shown
+        assert "sft  step       5  optimizer state of 1 rank(s)" in shown
+        assert f"export (hf, sft step 5): {tiny_run / 'export'}" in shown
+        assert ncp(["models", "show", "tiny", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["checkpoints"][0]["step"] == 5
+        assert ncp(["models", "show", "ghost"]) == 1
+        assert "model 'ghost' not found" in capsys.readouterr().err
+        assert ncp(["models", "serve", "tiny"]) == 0
+        assert f"serving tiny (sft step 5) from {tiny_run / 'export'}" in capsys.readouterr().out
+    finally:
+        get_settings.cache_clear()
