@@ -51,14 +51,14 @@ def registry_sessions(settings: Settings) -> sessionmaker[Session] | None:
 def _nanochat(args: argparse.Namespace) -> int:
     from shared.db import model_registry
     from shared.db.session import session_scope
-    from shared.nanochat.nanochat_import import import_nanochat, validate_name
+    from shared.nanochat.nanochat_import import import_nanochat
     from shared.settings import get_settings
 
     settings = get_settings()
     sessions = registry_sessions(settings)
     if sessions is not None:
         with session_scope(sessions) as s:
-            old = model_registry.get_model(s, validate_name(args.name))
+            old = model_registry.get_model(s, model_registry.check_name(args.name))
         if old is not None:
             raise model_registry.ModelExists(args.name, f"{old.source} model at {old.path}")
     manifest = import_nanochat(args.dir, settings.models_dir, args.name)
