@@ -116,6 +116,14 @@ class JobsClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/jobs", json=spec, headers=headers).json()
 
+    def import_model(
+        self, path: str, name: str, source: str = "nanochat", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """POST /models/import: the import job it created (or the same job for a repeated key)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"source": source, "path": path, "name": name}
+        return self._request("POST", "/models/import", json=body, headers=headers).json()
+
     def get(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}").json()
 
