@@ -106,7 +106,7 @@ def _checked_ref(session: Session, name: str, body: ServeModelRequest) -> model_
 @router.post(
     "/{name}/serve",
     response_model=ServeModelResult,
-    responses=error_responses(401, 403, 404, 409, 422, 503),
+    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
     summary="Make this model the served one (its recorded export of the chosen checkpoint)",
 )
 def serve_model(
