@@ -73,6 +73,15 @@ def write_upstream_checkpoint(
         torch.save(shard, ckpt_dir / f"optim_{step:06d}_rank{rank:d}.pt")
 
 
+def write_upstream_base_dir(root: Path, texts: list[str]) -> Path:
+    """A small nanochat base dir at `root`: the tokenizer (pickle + token bytes) trained on `texts`
+    and a TINY base checkpoint d2 at step 3 (no optimizer shards: the platform tests need the
+    layout, tests/data/test_nanochat_import.py covers sharded optimizer state)."""
+    write_upstream_tokenizer(root / "tokenizer", upstream_encoding(texts, vocab_size=TINY.vocab_size))
+    write_upstream_checkpoint(root / "base_checkpoints" / "d2", 3, tiny_state(), TINY)
+    return root
+
+
 def tiny_state(config: GPTConfig = TINY, seed: int = 0) -> dict:
     from shared.nanochat.gpt import GPT
 

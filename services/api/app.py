@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from services.api import console, errors, observability
 from services.api.limits import RequestLimits
-from services.api.routers import health, job_data, jobs, log_follow, models, plan
+from services.api.routers import health, job_data, jobs, log_follow, model_import, models, plan
 from shared.db.session import make_engine, make_session_factory
 from shared.jobs.spec import JobSpec
 from shared.loopback import is_loopback, remote_connection
@@ -45,8 +45,8 @@ def check_bind(settings: Settings, host: str | None = None) -> None:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    # POST /jobs validates its body by hand (with the configured data roots as context), so the
-    # JobSpec schema is added to the document here.
+    # POST /jobs and POST /models/import validate their bodies by hand (with the configured data
+    # roots as context), so the JobSpec schema (ImportSpec among its parts) is added here.
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -54,10 +54,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     comps.update(spec_schema.pop("$defs", {}))
     comps["JobSpec"] = spec_schema
-    schema["paths"]["/jobs"]["post"]["requestBody"] = {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}},
-    }
+    for path, body in (("/jobs", "JobSpec"), ("/models/import", "ImportSpec")):
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        }
     # Every error is the JSON error body, also on routes whose success is Markdown, PNG or text
     # (FastAPI would document their errors in the success media type).
     error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
@@ -97,7 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestLimits)
     observability.install(app, sessions)
-    for r in (jobs.router, job_data.router, log_follow.router, models.router, plan.router, health.router):
+    for r in (
+        jobs.router, job_data.router, log_follow.router, models.router, model_import.router, plan.router,
+        health.router,
+    ):  # fmt: skip
         app.include_router(r)
     console.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -116,6 +116,14 @@ class JobsClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/jobs", json=spec, headers=headers).json()
 
+    def import_model(
+        self, path: str, name: str, source: str = "nanochat", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """POST /models/import: the import job it created (or the same job for a repeated key)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"source": source, "path": path, "name": name}
+        return self._request("POST", "/models/import", json=body, headers=headers).json()
+
     def get(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}").json()
 
@@ -175,6 +183,15 @@ class JobsClient:
         return self._request(
             "GET", f"/jobs/{job_id}/metrics", params={"name": names} if names else None
         ).json()
+
+    def list_models(self) -> dict[str, Any]:
+        return self._request("GET", "/models").json()
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        return self._request("GET", f"/models/{name}").json()
+
+    def serve_model(self, name: str, phase: str | None = None, step: int | None = None) -> dict[str, Any]:
+        return self._request("POST", f"/models/{name}/serve", json={"phase": phase, "step": step}).json()
 
     def stream_events(self, job_id: str, after: int = 0) -> Iterator[SSEvent]:
         """Follow the job's SSE stream until the server ends it (job finished)."""

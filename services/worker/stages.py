@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from services.worker.context import StageContext, StageError, StageFn
+from services.worker.import_stage import stage_import
 from services.worker.inputs import file_lock, shared_dataset, stage_inputs
+from services.worker.models import record_job_export
 from services.worker.training import stage_pretrain, stage_sft
 from shared.db import registry
 from shared.db.session import session_scope
@@ -25,6 +27,7 @@ from shared.jobs.stage_outputs import (
     DataOutputs,
     EvalOutputs,
     ExportOutputs,
+    ImportOutputs,
     ReportOutputs,
     ServeOutputs,
     TokenizerOutputs,
@@ -224,6 +227,7 @@ def stage_export(ctx: StageContext) -> ExportOutputs:
     )
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "export", str(out), "export")
+    record_job_export(ctx, out, ckpt, kind)
     return ExportOutputs(
         export_dir=str(out), checkpoint_kind=kind, checkpoint_dir=str(ckpt), served_name=served_name(ctx)
     )
@@ -256,6 +260,12 @@ def stage_report(ctx: StageContext) -> ReportOutputs:
                             for c in registry.list_checkpoints(s, job.id)],
             "eval": {f"{r.stage}/{r.task}": r.value for r in registry.list_eval_results(s, job.id)},
         }  # fmt: skip
+    imported = ctx.stage_outputs("import", ImportOutputs) if ctx.spec.kind == "import" else None
+    if imported is not None:  # an import job trained nothing: its report says what landed where
+        summary["imported_model"] = {
+            "name": imported.model, "path": imported.model_dir, "tokenizer": imported.tokenizer_dir,
+            "checkpoints": imported.checkpoint_dirs, "warnings": imported.manifest.get("warnings", []),
+        }  # fmt: skip
     path = write_report(ctx.run.root, summary)
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "report", str(path), "report")
@@ -263,6 +273,7 @@ def stage_report(ctx: StageContext) -> ReportOutputs:
 
 
 STAGE_FUNCTIONS: dict[str, StageFn] = {
+    "import": stage_import,
     "data": stage_data,
     "tokenizer": stage_tokenizer,
     "pretrain": stage_pretrain,

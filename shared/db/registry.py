@@ -162,6 +162,11 @@ def create_job(session: Session, spec: Any, idempotency_key: str | None = None) 
     return create_or_get_job(session, spec, idempotency_key)[0]
 
 
+def job_by_idempotency_key(session: Session, key: str) -> Job | None:
+    """The job submitted under Idempotency-Key `key`, if any."""
+    return _by_key(session, key)
+
+
 def _by_key(session: Session, key: str) -> Job | None:
     return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
 

@@ -41,6 +41,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from shared.db.models import MAX_INT32, JobKind
 from shared.jobs.stages import DEFAULT_STAGES, NEEDS_MODEL, SELECTABLE_STAGES, check_stage_selection
 from shared.nanochat.config import GPTConfig
+from shared.nanochat.nanochat_import import validate_name
 from shared.nanochat.sft_config import SFTConfig
 from shared.nanochat.train_config import FP8_ALIGN, TrainConfig
 from shared.paths import PathEscapeError, resolve_existing_source
@@ -381,7 +382,37 @@ class HardwareSpec(_Strict):
         return max(1, self.gpus) * self.nodes
 
 
+class ImportSpec(_Strict):
+    """What an `import` job brings in: a model trained elsewhere, as a named platform model."""
+
+    source: Literal["nanochat"] = Field(
+        default="nanochat", description="Format of the source: an upstream nanochat base dir"
+    )
+    path: Text = Field(
+        min_length=1,
+        max_length=4096,
+        description="The base dir (tokenizer/, base_checkpoints/, chatsft_checkpoints/, any subset) "
+        "under an allowed root; it must exist",
+    )
+    name: Text = Field(
+        min_length=1,
+        max_length=64,
+        description="Model name: letters, digits, '.', '_' or '-', starting with a letter or digit",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return validate_name(v)  # the importer's rule, so the stage never refuses a name we took
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("name: ")) from None
+
+
 class JobSpec(_Strict):
+    # `import` is a Python keyword: the field is `import_`, spelled "import" in JSON both ways.
+    model_config = ConfigDict(**_Strict.model_config, serialize_by_alias=True)
+
     kind: JobKind = "pipeline"
     name: Text | None = Field(default=None, max_length=200, description="Free-form label")
     stages: list[StageName] | None = Field(
@@ -407,6 +438,9 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=lambda: CheckpointSpec())
     sft: SFTSpec = Field(default_factory=lambda: SFTSpec())
     seed: int = Field(default=train_default("seed"), ge=0, le=2**32 - 1)
+    import_: ImportSpec | None = Field(
+        default=None, alias="import", description="kind 'import' only: the model to import"
+    )
 
     @field_validator("stages")
     @classmethod
@@ -420,6 +454,7 @@ class JobSpec(_Strict):
         if self.stages is None:
             object.__setattr__(self, "stages", list(DEFAULT_STAGES[self.kind]))
         stages = set(self.stages or ())
+        self._check_import(stages)
         if "pretrain" not in stages and stages & NEEDS_MODEL and not self.parent_job_id:
             raise field_error(
                 ("parent_job_id",),
@@ -440,6 +475,17 @@ class JobSpec(_Strict):
             self._check_paths(_allowed_roots(ctx))
         self._check_fits()
         return self
+
+    def _check_import(self, stages: set[str]) -> None:
+        if self.kind == "import":
+            if self.import_ is None:
+                raise field_error(("import",), "kind 'import' needs import: {source, path, name}", None)
+            if stages != {"import"}:
+                raise field_error(("stages",), "kind 'import' runs the one stage ['import']", self.stages)
+        elif "import" in stages:
+            raise field_error(("kind",), "stage 'import' runs only in a job of kind 'import'", self.kind)
+        elif self.import_ is not None:
+            raise field_error(("import",), "only a job of kind 'import' reads the import section", None)
 
     def _check_batch(self) -> None:
         total = self.batch.total_batch_size
@@ -474,14 +520,20 @@ class JobSpec(_Strict):
         for i, s in enumerate(self.sft.sources):
             if s.path is not None:
                 found.append((("sft", "sources", i, "path"), s.path))
+        if self.import_ is not None:
+            found.append((("import", "path"), self.import_.path))
         return found
 
     def _check_paths(self, roots: list[Path]) -> None:
         for loc, raw in self.local_paths():
             try:
-                resolve_existing_source(raw, roots)
+                resolved = resolve_existing_source(raw, roots)
             except (PathEscapeError, FileNotFoundError) as e:
                 raise field_error(loc, str(e), raw) from None
+            except OSError as e:  # a name too long for the filesystem, a folder we may not read
+                raise field_error(loc, f"path {raw[:200]!r} cannot be checked: {e.strerror}", raw) from None
+            if loc == ("import", "path") and not resolved.is_dir():
+                raise field_error(loc, f"path {raw!r} is not a directory (a nanochat base dir)", raw)
 
     def _check_fits(self) -> None:
         per_gpu = training_memory_floor(self.model, self.hardware.world_size)

@@ -16,6 +16,20 @@ class StageOutputs(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class ImportOutputs(StageOutputs):
+    model: str = Field(description="Name of the imported model (its folder under models/)")
+    model_dir: str
+    tokenizer_dir: str | None = Field(None, description="Converted tokenizer; None when the source had none")
+    checkpoint_dirs: dict[str, str] = Field(
+        default_factory=dict, description="'<phase>/<tag>' (e.g. base/d12) -> checkpoint folder"
+    )
+    manifest: dict[str, Any] = Field(
+        description="The model's manifest.json: source, tokenizer, checkpoints (steps, optimizer "
+        "shards), warnings"
+    )
+    reused: bool = Field(description="A retried stage found this job's own earlier import in place")
+
+
 class DataOutputs(StageOutputs):
     data_dir: str = Field(description="Folder of parquet shards; the last shard is the validation split")
     source: str
@@ -65,6 +79,7 @@ class ReportOutputs(StageOutputs):
 
 
 STAGE_OUTPUTS: dict[str, type[StageOutputs]] = {
+    "import": ImportOutputs,
     "data": DataOutputs,
     "tokenizer": TokenizerOutputs,
     "pretrain": TrainOutputs,

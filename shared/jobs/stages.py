@@ -1,7 +1,9 @@
 """The pipeline's stages: the one list of them, in order, with the queue each runs on.
 
 A job spec chooses a subset of the selectable stages (always in this order); every job then closes
-with the `report` stage, which reads whatever the others wrote. The API, the dispatcher, the
+with the `report` stage, which reads whatever the others wrote. A stage marked `alone` (`import`,
+which brings in a model trained elsewhere) is no part of the pipeline: it is the one stage of its
+own job kind and is never mixed with the others. The API, the dispatcher, the
 workers and the reconciler all read the order and the queues from here.
 """
 
@@ -19,9 +21,11 @@ class StageDef:
     queue: str  # CPU-light corpus work on `data`, GPU-holding training on `train`, the rest on `eval`
     selectable: bool = True  # False: added by the platform, never named in a spec
     needs_model: bool = False  # reads a model made by `pretrain` (this job's or the parent's)
+    alone: bool = False  # the only stage of its job kind (the kind of the same name), never mixed
 
 
 PIPELINE: tuple[StageDef, ...] = (
+    StageDef("import", DATA, alone=True),  # file conversion, no GPU: the data queue's kind of work
     StageDef("data", DATA),
     StageDef("tokenizer", DATA),
     StageDef("pretrain", TRAIN),
@@ -38,13 +42,17 @@ SELECTABLE_STAGES: tuple[str, ...] = tuple(s.name for s in PIPELINE if s.selecta
 FINAL_STAGE = "report"  # closes every job
 NEEDS_MODEL: frozenset[str] = frozenset(s.name for s in PIPELINE if s.needs_model)
 STAGE_QUEUES: dict[str, str] = {s.name: s.queue for s in PIPELINE}
+ALONE_STAGES: frozenset[str] = frozenset(s.name for s in PIPELINE if s.alone)
+# The stages a pipeline job may run: everything selectable except the stand-alone ones.
+PIPELINE_STAGES: tuple[str, ...] = tuple(s for s in SELECTABLE_STAGES if s not in ALONE_STAGES)
 
 # What each job kind runs when its spec names no stages.
 DEFAULT_STAGES: dict[str, tuple[str, ...]] = {
-    "pipeline": SELECTABLE_STAGES,
+    "pipeline": PIPELINE_STAGES,
     "pretrain": ("data", "tokenizer", "pretrain", "base_eval"),
     "sft": ("sft", "chat_eval"),
     "eval": ("base_eval",),
+    "import": ("import",),
 }
 
 
@@ -66,6 +74,12 @@ def check_stage_selection(stages: Sequence[str]) -> None:
         raise ValueError(f"unknown stage {unknown[0]!r}; stages are {list(SELECTABLE_STAGES)}")
     if len(set(stages)) != len(stages):
         raise ValueError(f"stages lists a stage twice: {list(stages)}")
+    alone = [s for s in stages if s in ALONE_STAGES]
+    if alone and len(stages) > 1:
+        raise ValueError(
+            f"stage {alone[0]!r} runs alone (a job of kind {alone[0]!r}); it cannot be combined with "
+            f"{[s for s in stages if s != alone[0]]}"
+        )
     if list(stages) != sorted(stages, key=SELECTABLE_STAGES.index):
         raise ValueError(f"stages must be in pipeline order {list(SELECTABLE_STAGES)}, got {list(stages)}")
 

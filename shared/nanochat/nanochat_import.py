@@ -214,8 +214,13 @@ def check_vocab_matches(found: NanochatDir, tokenizer_vocab: int | None) -> None
             )
 
 
-def import_nanochat(src, models_dir, name: str) -> dict:
-    """Import `src` (an upstream nanochat base dir) as `models_dir/name`; returns the manifest."""
+def import_nanochat(src, models_dir, name: str, *, job_id: str | None = None) -> dict:
+    """Import `src` (an upstream nanochat base dir) as `models_dir/name`; returns the manifest.
+
+    `job_id`: the platform job doing the import (the `import` stage). It is recorded in the
+    manifest, so a retried stage recognises a model its own earlier attempt put in place, and it
+    names the temp folder, so a retry clears what a crashed attempt left half-written (the job's
+    lease makes its attempts sequential; other imports' temp folders are never touched)."""
     from shared.nanochat.checkpoint import import_reference
     from shared.nanochat.tiktoken_pickle import PickleRefused
     from shared.nanochat.tokenizer import token_bytes
@@ -241,7 +246,9 @@ def import_nanochat(src, models_dir, name: str) -> dict:
         warnings.append("no tokenizer/tokenizer.pkl: eval, SFT, export and serving need one")
 
     models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = models_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = models_dir / f".{name}.tmp-{job_id or uuid.uuid4().hex[:8]}"
+    if job_id is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         manifest: dict = {
@@ -253,6 +260,8 @@ def import_nanochat(src, models_dir, name: str) -> dict:
             "checkpoints": [],
             "warnings": warnings,
         }
+        if job_id is not None:
+            manifest["job_id"] = job_id
         if tok is not None:
             import torch
 

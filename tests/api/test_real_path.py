@@ -141,3 +141,32 @@ def _spec_file(tmp_path: Path, spec: dict) -> str:
     path = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*')))}.json"
     path.write_text(json.dumps(spec))
     return str(path)
+
+
+def test_import_through_the_api(platform, cli_env, capsys):
+    """`ncp import nanochat --via-api --wait`: POST /models/import -> an import job on the data
+    worker -> the model in GET /models/{name}; the manifest printed is the stage's outputs."""
+    from shared.nanochat.demo_corpus import iter_demo_documents
+    from tests.upstream import write_upstream_base_dir
+
+    texts, size = [], 0
+    for doc in iter_demo_documents():
+        texts.append(doc)
+        size += len(doc)
+        if size > 200_000:
+            break
+    src = write_upstream_base_dir(platform["home"] / "datasets" / "upstream", texts)
+    argv = ["import", "nanochat", "datasets/upstream", "--name", "from-api", "--via-api", "--wait", "--json"]
+    assert ncp(argv) == 0, capsys.readouterr().err + platform["procs"].log("data-eval")[-3000:]
+    manifest = json.loads(capsys.readouterr().out)
+    dest = platform["home"] / "models" / "from-api"
+    assert manifest["path"] == str(dest) and manifest["source"]["path"] == str(src.resolve())
+    model = JobsClient(platform["url"]).get_model("from-api")
+    assert model["name"] == "from-api" and model["path"] == str(dest), model
+    # The same name again: refused at submit, naming the field; nothing is queued.
+    assert ncp(["import", "nanochat", "datasets/upstream", "--name", "from-api", "--via-api"]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 422" in err and "(field name)" in err and "already exists" in err
+    # A local-only flag mix is refused before anything happens.
+    assert ncp(["import", "nanochat", str(src), "--name", "x", "--wait"]) == 2
+    assert "--wait applies to an import through the API: add --via-api" in capsys.readouterr().err

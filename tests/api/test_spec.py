@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from shared.jobs.spec import JobSpec, demo_spec, training_memory_floor
-from shared.jobs.stages import DEFAULT_STAGES, SELECTABLE_STAGES
+from shared.jobs.stages import DEFAULT_STAGES, PIPELINE_STAGES
 
 
 def bad_field(data: dict, roots: list[Path] | None = None) -> tuple[str, str]:
@@ -23,7 +23,8 @@ def bad_field(data: dict, roots: list[Path] | None = None) -> tuple[str, str]:
 
 
 def test_defaults_per_kind():
-    assert JobSpec().stages == list(SELECTABLE_STAGES)
+    assert JobSpec().stages == list(PIPELINE_STAGES)
+    assert "import" not in PIPELINE_STAGES  # a stage of its own kind, never part of a pipeline
     assert JobSpec(kind="pretrain").stages == list(DEFAULT_STAGES["pretrain"])
     spec = JobSpec.model_validate({"kind": "sft", "parent_job_id": "abc-123"})
     assert spec.stages == ["sft", "chat_eval"]
@@ -122,6 +123,45 @@ def test_data_path_must_stay_under_allowed_roots(tmp_path):
         assert field == "data.path" and "outside the allowed data roots" in msg, escape
     field, _ = bad_field({"sft": {"sources": [{"kind": "conversations", "path": "/etc"}]}}, roots)
     assert field == "sft.sources.0.path"
+
+
+def test_import_spec(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "nanochat").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "file").write_text("x")
+    roots = [root]
+    ok = {"kind": "import", "import": {"source": "nanochat", "path": str(root / "nanochat"), "name": "m-1.2"}}
+    spec = JobSpec.model_validate(ok, context={"roots": roots})
+    assert spec.stages == ["import"] and spec.import_ is not None and spec.import_.name == "m-1.2"
+    # Spelled "import" in JSON both ways, so the stored spec reads back.
+    stored = spec.model_dump(mode="json")
+    assert stored["import"]["path"] == str(root / "nanochat") and "import_" not in stored
+    assert JobSpec.from_stored(stored) == spec
+
+    def refused(change: dict) -> tuple[str, str]:
+        data = {**ok, **change}
+        return bad_field(data, roots)
+
+    section = ok["import"]
+    for path in (str(outside), "../elsewhere", str(root / "link"), "/etc"):
+        field, msg = refused({"import": {**section, "path": path}})
+        assert field == "import.path" and "outside the allowed data roots" in msg, path
+    assert refused({"import": {**section, "path": str(root / "missing")}})[0] == "import.path"
+    field, msg = refused({"import": {**section, "path": str(root / "file")}})
+    assert field == "import.path" and "not a directory" in msg
+    for name in ("", "-x", "a/b", "../x", "x" * 65):
+        assert refused({"import": {**section, "name": name}})[0] == "import.name", name
+    assert refused({"import": {**section, "source": "hf"}})[0] == "import.source"
+    assert refused({"import": {**section, "extra": 1}})[0] == "import.extra"
+    field, msg = refused({"stages": ["import", "data"]})
+    assert field == "stages" and "runs alone" in msg
+    assert refused({"stages": ["data"]})[0] == "stages"
+    assert refused({"import": None})[0] == "import"
+    assert bad_field({"stages": ["import"]}, roots)[0] == "kind"
+    assert bad_field({"import": section}, roots)[0] == "import"
+    assert bad_field({"kind": "import", "import_": section}, roots)[0] == "import_"
 
 
 def test_roots_default_to_settings(tmp_path, monkeypatch):

@@ -15,12 +15,12 @@ from services.api.deps import AuthDep, JobId, SessionDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError, error_responses
 from services.api.schemas import JobPublic, JobsPublic
-from shared.db import registry
+from shared.db import model_registry, registry
 from shared.db.models import JobKind, JobStatus
 from shared.db.session import session_scope
 from shared.jobs.dispatch import enqueue_job
 from shared.jobs.progress_file import scan_kernel_reports
-from shared.jobs.spec import JobCreate
+from shared.jobs.spec import JobCreate, field_error
 from shared.paths import run_paths
 from shared.settings import Settings
 
@@ -86,6 +86,58 @@ def _public(session: Any, job: Any, settings: Settings) -> JobPublic:
     return JobPublic.of(job, registry.latest_checkpoint(session, job.id), kernels=kernels)
 
 
+# Repeating a request with the same key returns the same job (POST /jobs, POST /models/import).
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
+]
+
+
+def _model_name_free(session: Session, settings: Settings, name: str) -> None:
+    """An import's model name must be free in the model registry and on disk: refused at submit
+    (422 at import.name) rather than by the stage later."""
+    held = model_registry.get_model(session, name)
+    if held is not None:
+        where = f"{held.source} model at {held.path}"
+    elif (settings.models_dir / name).exists():
+        where = f"a folder {settings.models_dir / name} is in the way"
+    else:
+        return
+    raise field_error(("import", "name"), f"model {name!r} already exists ({where}); pick another name", name)
+
+
+def submit_spec(
+    request: Request,
+    response: Response,
+    session: Session,
+    settings: Settings,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+) -> JobPublic:
+    """Validate a job spec, record the job and enqueue its first stage: POST /jobs, and the routes
+    that submit a job of their own kind (POST /models/import). A refusal is a ValidationError
+    (a 422 naming the field) or an ApiError."""
+    # Validated here rather than by FastAPI so the configured data roots reach the path checks;
+    # a ValidationError becomes a 422 naming the field (services/api/errors.py).
+    spec = JobCreate.model_validate(body, context={"roots": [settings.home, *settings.data_roots]})
+    if spec.parent_job_id is not None:
+        try:
+            registry.get_job(session, spec.parent_job_id)
+        except registry.JobNotFound:
+            raise ApiError(
+                422, "validation_error", f"parent_job_id: no job {spec.parent_job_id!r}", "parent_job_id"
+            ) from None
+    # A repeated import (same key) returns its job even after that job took the name.
+    repeated = idempotency_key is not None and registry.job_by_idempotency_key(session, idempotency_key)
+    if spec.import_ is not None and not repeated:
+        _model_name_free(session, settings, spec.import_.name)
+    job, created = registry.create_or_get_job(session, spec, idempotency_key)
+    if created:
+        enqueue(job.id, settings, request.app.state.session_factory)
+        job = registry.get_job(session, job.id)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return _public(session, job, settings)
+
+
 @router.post(
     "",
     status_code=202,
@@ -103,26 +155,9 @@ def submit_job(
     settings: SettingsDep,
     _auth: AuthDep,
     body: Annotated[dict[str, Any], Body()],
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
-    # Validated here rather than by FastAPI so the configured data roots reach the path checks;
-    # a ValidationError becomes a 422 naming the field (services/api/errors.py).
-    spec = JobCreate.model_validate(body, context={"roots": [settings.home, *settings.data_roots]})
-    if spec.parent_job_id is not None:
-        try:
-            registry.get_job(session, spec.parent_job_id)
-        except registry.JobNotFound:
-            raise ApiError(
-                422, "validation_error", f"parent_job_id: no job {spec.parent_job_id!r}", "parent_job_id"
-            ) from None
-    job, created = registry.create_or_get_job(session, spec, idempotency_key)
-    if created:
-        enqueue(job.id, settings, request.app.state.session_factory)
-        job = registry.get_job(session, job.id)
-    response.headers["Location"] = f"/jobs/{job.id}"
-    return _public(session, job, settings)
+    return submit_spec(request, response, session, settings, body, idempotency_key)
 
 
 @router.get("", response_model=JobsPublic, responses=_ERRORS, summary="List jobs, newest first")

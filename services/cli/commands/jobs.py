@@ -308,7 +308,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", help="submit a job")
     s.add_argument("--spec", help="job spec file (JSON or YAML)")
     s.add_argument("--preset", help="named preset, e.g. demo")
-    s.add_argument("--kind", choices=["pipeline", "pretrain", "sft", "eval"])
+    s.add_argument("--kind", choices=["pipeline", "pretrain", "sft", "eval", "import"])
     s.add_argument("--name")
     s.add_argument("--depth", type=int)
     s.add_argument("--num-iterations", type=int)
