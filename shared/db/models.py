@@ -1,4 +1,4 @@
-"""Run-registry tables (SQLAlchemy 2 typed declarative); the same schema on PostgreSQL and SQLite.
+"""Run-registry and model-registry tables (SQLAlchemy 2 typed declarative); the same schema on PostgreSQL and SQLite.
 
 The registry is the source of truth for every job: what was asked (the spec), where it is (status,
 current stage, progress), what it produced (checkpoints, artifacts, eval results) and who is
@@ -37,6 +37,12 @@ TERMINAL_STATUSES = frozenset({"cancelled", "succeeded", "failed"})
 STAGE_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "skipped")
 CheckpointKind = Literal["base", "sft"]
 CHECKPOINT_KINDS: tuple[str, ...] = get_args(CheckpointKind)
+ModelSource = Literal["import", "job"]
+MODEL_SOURCES: tuple[str, ...] = get_args(ModelSource)
+# A model's checkpoint phases, in pipeline order; "rl" only arrives through imports (upstream's
+# chatrl_checkpoints), the platform itself trains base and sft.
+ModelPhase = Literal["base", "sft", "rl"]
+MODEL_PHASES: tuple[str, ...] = get_args(ModelPhase)
 
 
 # The largest value the registry's Integer columns hold (steps, sequence numbers, counters): every
@@ -214,4 +220,69 @@ class EvalResult(Base):
     task: Mapped[str] = mapped_column(String(128))
     metric: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# --- model registry ------------------------------------------------------------------------------
+class Model(Base):
+    """A model the platform can start from, evaluate, export or serve: an imported nanochat run or
+    the model a job trained. `path` is a run-folder-layout root (tokenizer/, base_checkpoints/<tag>/,
+    chatsft_checkpoints/<tag>/); its checkpoints are rows of `model_checkpoints` (shared/db/model_registry.py)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)  # nanochat_import.validate_name
+    source: Mapped[str] = mapped_column(String(16))  # import | job
+    # The job that trained it; a deleted job leaves the model (its files stay on disk).
+    source_job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), default=None, index=True
+    )
+    source_path: Mapped[str | None] = mapped_column(Text, default=None)  # the import's source dir
+    path: Mapped[str] = mapped_column(Text)
+    checkpoint_tag: Mapped[str | None] = mapped_column(String(64), default=None)  # e.g. d24
+    vocab_size: Mapped[int | None] = mapped_column(Integer, default=None)  # the model's (checkpoint meta)
+    tokenizer_path: Mapped[str | None] = mapped_column(Text, default=None)  # None: imported without one
+    parent_model: Mapped[str | None] = mapped_column(String(64), default=None)  # lineage, by name
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+    checkpoints: Mapped[list[ModelCheckpoint]] = relationship(
+        order_by="[ModelCheckpoint.phase, ModelCheckpoint.step]",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="selectin",
+    )
+    exports: Mapped[list[ModelExport]] = relationship(
+        order_by="ModelExport.created_at", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+    )
+
+
+class ModelCheckpoint(Base):
+    __tablename__ = "model_checkpoints"
+    __table_args__ = (
+        UniqueConstraint("model_id", "phase", "step", name="uq_model_checkpoints_model_phase_step"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    phase: Mapped[str] = mapped_column(String(8))  # base | sft | rl
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)  # the checkpoint folder (<phase dir>/<tag>)
+    has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
+    optimizer_world_size: Mapped[int | None] = mapped_column(Integer, default=None)  # ranks that saved it
+
+
+class ModelExport(Base):
+    __tablename__ = "model_exports"
+    __table_args__ = (UniqueConstraint("model_id", "path", name="uq_model_exports_model_path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16))  # hf: shared/nanochat/export.py
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    # The checkpoint it was exported from (None: unknown, e.g. an export recorded by path only).
+    phase: Mapped[str | None] = mapped_column(String(8), default=None)
+    step: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

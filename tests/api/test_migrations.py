@@ -67,10 +67,10 @@ def test_ncp_db_upgrade_uses_settings(tmp_path, monkeypatch, capsys):
 
     get_settings.cache_clear()
     assert ncp(["db", "upgrade"]) == 0
-    assert "revision 0001" in capsys.readouterr().out
+    assert "revision 0002" in capsys.readouterr().out
     assert "jobs" in _tables(url)
     assert ncp(["db", "current"]) == 0
-    assert "0001" in capsys.readouterr().out
+    assert "0002" in capsys.readouterr().out
 
 
 def test_api_does_not_create_tables(tmp_path):
