@@ -180,7 +180,7 @@ def test_init_refusals_name_the_field(data, field, says):
 
 
 def test_init_shape_comes_from_the_checkpoint():
-    from shared.jobs.init_shape import apply_checkpoint_shape
+    from shared.jobs.init_model import apply_checkpoint_shape
 
     ckpt = {"sequence_len": 32, "vocab_size": 300, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 64}
     spec = JobSpec.model_validate({"kind": "eval", "init": {"model": "m"}, "model": {"depth": 2}})

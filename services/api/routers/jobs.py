@@ -16,6 +16,7 @@ from shared.db import registry
 from shared.db.models import JobKind, JobStatus
 from shared.db.session import session_scope
 from shared.jobs.dispatch import enqueue_job
+from shared.jobs.init_model import prepare_init_spec
 from shared.jobs.spec import JobCreate
 from shared.settings import Settings
 
@@ -77,6 +78,10 @@ def submit_job(
             raise ApiError(
                 422, "validation_error", f"parent_job_id: no job {spec.parent_job_id!r}", "parent_job_id"
             ) from None
+    if spec.init is not None:
+        # The model, its checkpoints and their fit to its tokenizer are checked now (a 422 naming
+        # init.* or model.*), and the stored spec takes the checkpoint's shape.
+        spec = prepare_init_spec(session, spec)
     job, created = registry.create_or_get_job(session, spec, idempotency_key)
     if created:
         enqueue(job.id, settings, request.app.state.session_factory)
