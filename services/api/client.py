@@ -180,6 +180,15 @@ class JobsClient:
             "GET", f"/jobs/{job_id}/metrics", params={"name": names} if names else None
         ).json()
 
+    def list_models(self) -> dict[str, Any]:
+        return self._request("GET", "/models").json()
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        return self._request("GET", f"/models/{name}").json()
+
+    def serve_model(self, name: str, phase: str | None = None, step: int | None = None) -> dict[str, Any]:
+        return self._request("POST", f"/models/{name}/serve", json={"phase": phase, "step": step}).json()
+
     def stream_events(self, job_id: str, after: int = 0) -> Iterator[SSEvent]:
         """Follow the job's SSE stream until the server ends it (job finished)."""
         try:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.schemas import ErrorBody
+from shared.db.model_registry import ModelNotFound
 from shared.db.registry import IdempotencyConflict, IllegalTransition, JobNotFound
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ _DESCRIPTIONS = {
     400: "The body is not JSON",
     401: "Missing or wrong bearer token",
     403: "Remote client refused: the API has no token and serves loopback clients only",
-    404: "No such job (or file)",
-    409: "The job's state does not allow this",
+    404: "No such job, model (or file)",
+    409: "The job's (or model's) state does not allow this",
     413: "The request body is too large",
     422: "Invalid input; error.field names it",
     503: "The run registry database is unavailable",
@@ -108,6 +109,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def _not_found(_r: Request, e: JobNotFound) -> JSONResponse:
         return error_response(404, "job_not_found", str(e))
+
+    @app.exception_handler(ModelNotFound)
+    async def _model_not_found(_r: Request, e: ModelNotFound) -> JSONResponse:
+        return error_response(404, "model_not_found", str(e))
 
     @app.exception_handler(IllegalTransition)
     async def _conflict(_r: Request, e: IllegalTransition) -> JSONResponse:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.db.models import Checkpoint, Event, Job, Stage
+from shared.db.models import Checkpoint, Event, Job, Model, ModelCheckpoint, ModelExport, Stage
 
 
 class ErrorDetail(BaseModel):
@@ -245,3 +245,121 @@ class LogsPublic(BaseModel):
 class ServedModels(BaseModel):
     current: dict[str, Any] | None = Field(None, description="$NCP_HOME/serving/current.json")
     live: dict[str, Any] = Field(description="The inference server's /v1/models, or why it is unreachable")
+
+
+# --- model registry ------------------------------------------------------------------------------
+class ModelLineage(BaseModel):
+    source: Literal["import", "job"]
+    source_job_id: str | None = Field(None, description="The job that trained it (null once deleted)")
+    source_path: str | None = Field(None, description="The folder it was imported from")
+    parent_model: str | None = Field(None, description="The model it continued from / was fine-tuned from")
+
+
+class ModelCheckpointPublic(BaseModel):
+    phase: str
+    step: int
+    path: str
+    has_optimizer: bool = Field(description="Optimizer state saved: training can resume exactly")
+    optimizer_world_size: int | None = Field(None, description="Ranks that saved the optimizer state")
+
+    @classmethod
+    def of(cls, c: ModelCheckpoint) -> ModelCheckpointPublic:
+        return cls(
+            phase=c.phase,
+            step=c.step,
+            path=c.path,
+            has_optimizer=c.has_optimizer,
+            optimizer_world_size=c.optimizer_world_size,
+        )
+
+
+class ModelExportPublic(BaseModel):
+    path: str
+    format: str
+    job_id: str | None = None
+    phase: str | None = Field(None, description="Phase of the exported checkpoint")
+    step: int | None = Field(None, description="Step of the exported checkpoint")
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, e: ModelExport) -> ModelExportPublic:
+        return cls(
+            path=e.path, format=e.format, job_id=e.job_id, phase=e.phase, step=e.step, created_at=e.created_at
+        )
+
+
+def _latest_steps(m: Model) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in m.checkpoints:
+        out[c.phase] = max(out.get(c.phase, c.step), c.step)
+    return out
+
+
+class ModelSummaryPublic(BaseModel):
+    name: str
+    lineage: ModelLineage
+    vocab_size: int | None = Field(None, description="The model's vocabulary (its checkpoints' vocab_size)")
+    has_tokenizer: bool
+    latest_steps: dict[str, int] = Field(description="Newest checkpoint step per phase, e.g. {base: 5000}")
+    export_count: int = Field(description="How many exports were recorded")
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, m: Model) -> ModelSummaryPublic:
+        return cls(
+            name=m.name,
+            lineage=ModelLineage(
+                source=m.source,  # type: ignore[arg-type]  # the column holds MODEL_SOURCES
+                source_job_id=m.source_job_id,
+                source_path=m.source_path,
+                parent_model=m.parent_model,
+            ),
+            vocab_size=m.vocab_size,
+            has_tokenizer=m.tokenizer_path is not None,
+            latest_steps=_latest_steps(m),
+            export_count=len(m.exports),
+            created_at=m.created_at,
+        )
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelSummaryPublic]
+    count: int
+
+
+class ModelPublic(ModelSummaryPublic):
+    path: str = Field(description="The model's run-folder-layout root")
+    checkpoint_tag: str | None = None
+    tokenizer_path: str | None = None
+    checkpoints: list[ModelCheckpointPublic]
+    exports: list[ModelExportPublic] = Field(description="Recorded exports, oldest first")
+    manifest: dict[str, Any] | None = Field(None, description="The import manifest (imports only)")
+
+    @classmethod
+    def of(cls, m: Model) -> ModelPublic:
+        return cls(
+            **ModelSummaryPublic.of(m).model_dump(),
+            path=m.path,
+            checkpoint_tag=m.checkpoint_tag,
+            tokenizer_path=m.tokenizer_path,
+            checkpoints=[ModelCheckpointPublic.of(c) for c in m.checkpoints],
+            exports=[ModelExportPublic.of(e) for e in m.exports],
+            manifest=m.manifest,
+        )
+
+
+class ServeModelRequest(BaseModel):
+    phase: Literal["base", "sft", "rl"] | None = Field(
+        default=None, description="Checkpoint phase to serve; null = sft when the model has it, else base"
+    )
+    step: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Checkpoint step; null = the newest"
+    )
+
+
+class ServeModelResult(BaseModel):
+    model: str
+    phase: str
+    step: int
+    export_dir: str
+    published: dict[str, Any] = Field(description="What serving/current.json now holds")

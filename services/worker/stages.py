@@ -18,6 +18,7 @@ from typing import Any
 
 from services.worker.context import StageContext, StageError, StageFn
 from services.worker.inputs import file_lock, shared_dataset, stage_inputs
+from services.worker.models import record_job_export
 from services.worker.training import stage_pretrain, stage_sft
 from shared.db import registry
 from shared.db.session import session_scope
@@ -224,6 +225,7 @@ def stage_export(ctx: StageContext) -> ExportOutputs:
     )
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "export", str(out), "export")
+    record_job_export(ctx, out, ckpt, kind)
     return ExportOutputs(
         export_dir=str(out), checkpoint_kind=kind, checkpoint_dir=str(ckpt), served_name=served_name(ctx)
     )

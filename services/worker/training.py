@@ -24,6 +24,7 @@ from services.worker.follow import FollowConfig, TrainingRun, follow
 from services.worker.forwarder import ProgressForwarder
 from services.worker.inputs import stage_inputs
 from services.worker.launcher import LaunchConfig, LocalRun
+from services.worker.models import register_trained_model
 from shared.db.outage import BACKOFF_MAX_SECONDS, wait_out_outage
 from shared.jobs.progress_file import StepRecord, read_records
 from shared.jobs.stage_outputs import TrainOutputs
@@ -54,7 +55,9 @@ def stage_pretrain(ctx: StageContext) -> TrainOutputs:
         checkpoint_dir=ckpt_dir,
         resume=resume_step is not None,
     )
-    return _train(ctx, "pretrain", cfg, ckpt_dir, "base", resume_step)
+    out = _train(ctx, "pretrain", cfg, ckpt_dir, "base", resume_step)
+    register_trained_model(ctx, "base")
+    return out
 
 
 def stage_sft(ctx: StageContext) -> TrainOutputs:
@@ -79,7 +82,9 @@ def stage_sft(ctx: StageContext) -> TrainOutputs:
         conversations=conversations,
         tasks_dir=tasks_dir,
     )
-    return _train(ctx, "sft", cfg, out_dir, "sft", resume_step)
+    out = _train(ctx, "sft", cfg, out_dir, "sft", resume_step)
+    register_trained_model(ctx, "sft")
+    return out
 
 
 def _nproc(ctx: StageContext) -> int:

@@ -62,6 +62,18 @@ class ModelRef:
     world_size: int | None  # ranks that saved the optimizer state (resharding needs it)
 
 
+# Names a model cannot have: API paths under /models that are not model names.
+RESERVED_NAMES = frozenset({"served"})
+
+
+def check_name(name: str) -> str:
+    """nanochat_import.validate_name's rule, minus the reserved names."""
+    validate_name(name)
+    if name in RESERVED_NAMES:
+        raise ModelRegistryError(f"name: {name!r} is reserved (GET /models/{name} is another route)")
+    return name
+
+
 def job_model_name(job_id: str) -> str:
     """The registry name of the model job `job_id` trains (valid under validate_name)."""
     return f"job-{job_id[:8]}"
@@ -151,7 +163,7 @@ def _commit_new(session: Session, model: Model, name: str) -> Model:
 def register_import(session: Session, manifest: dict[str, Any], *, parent_model: str | None = None) -> Model:
     """Register a model written by nanochat_import.import_nanochat from its manifest (the `path`
     key is the model folder). A taken name is refused with ModelExists."""
-    name = validate_name(manifest["name"])
+    name = check_name(manifest["name"])
     root = Path(manifest["path"])
     sets = manifest.get("checkpoints") or []
     # One tag names the model's folders; base's when there is one (an SFT of it keeps the tag).
@@ -200,7 +212,7 @@ def register_job_model(
 ) -> Model:
     """The model job `job_id` trains, created or updated in place (idempotent: a re-run or resumed
     stage calls it again). A name held by another model is refused with ModelExists."""
-    validate_name(name)
+    check_name(name)
     for attempt in range(2):
         begin_write(session)
         model = model_of_job(session, job_id)

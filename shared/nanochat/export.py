@@ -24,12 +24,15 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from shared.nanochat.config import GPTConfig
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: `check_export` (and publish.py, which the
+# API calls to choose the served model) must work in the API image, which has no torch.
 
 ARCHITECTURE = "NanochatForCausalLM"
 MODEL_TYPE = "ncp_nanochat"
@@ -124,6 +127,8 @@ def write_export(
     dtype: str = "bfloat16",
 ) -> Path:
     """Write an export folder for an in-memory model; atomic (temp folder + rename)."""
+    from safetensors.torch import save_file
+
     from shared.nanochat.tokenizer import Tokenizer, check_vocab_fits
 
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
@@ -249,6 +254,10 @@ def check_export(export_dir: Path) -> dict:
 
 def load_exported(export_dir, device="cpu", *, compute_dtype: torch.dtype | None = None):
     """Rebuild (GPT, Tokenizer) from an export folder; every tensor must be present with its shape."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     from shared.nanochat.gpt import GPT
     from shared.nanochat.tokenizer import Tokenizer
 

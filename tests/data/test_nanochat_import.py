@@ -164,3 +164,67 @@ def test_cli_import_json(upstream_dir, tmp_path, monkeypatch, capsys):
         assert "base base_checkpoints/d2/: steps [3] (optimizer shards of 2 rank(s))" in out
     finally:
         get_settings.cache_clear()
+
+
+@pytest.fixture
+def migrated_pg():
+    """A fresh PostgreSQL registry, migrated the way `ncp db upgrade` does."""
+    import secrets
+
+    import psycopg
+
+    from services.api.migrate import upgrade
+    from tests.servers import PG_ADMIN, pg_url
+
+    name = f"ncp_test_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        upgrade(pg_url(name))
+        yield pg_url(name)
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_cli_import_registers_the_model(upstream_dir, tmp_path, monkeypatch, capsys, migrated_pg):
+    from shared.db import model_registry
+    from shared.db.session import make_engine, make_session_factory
+    from shared.settings import get_settings
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("NCP_HOME", str(home))
+    monkeypatch.setenv("NCP_DATABASE_URL", migrated_pg)
+    get_settings.cache_clear()
+    try:
+        assert ncp(["import", "nanochat", str(upstream_dir["root"]), "--name", "reg-run"]) == 0
+        engine = make_engine(migrated_pg)
+        with make_session_factory(engine)() as s:
+            ref = model_registry.resolve_checkpoint(s, "reg-run", "base", None)
+            assert ref.root == home / "models" / "reg-run" and ref.tokenizer_dir == ref.root / "tokenizer"
+            assert (ref.step, ref.has_optimizer, ref.world_size) == (3, True, 2)
+            m = model_registry.require_model(s, "reg-run")
+            assert m.source_path == str(upstream_dir["root"].resolve()) and m.manifest["name"] == "reg-run"
+        engine.dispose()
+        # The registry's name is refused before any file is written, even when the folder is gone.
+        shutil.rmtree(home / "models" / "reg-run")
+        capsys.readouterr()
+        assert ncp(["import", "nanochat", str(upstream_dir["root"]), "--name", "reg-run"]) == 2
+        assert "model 'reg-run' already exists (import model at" in capsys.readouterr().err
+        assert not (home / "models" / "reg-run").exists()
+        assert [p.name for p in (home / "models").iterdir()] == []  # no temp folder either
+    finally:
+        get_settings.cache_clear()
+
+
+def test_cli_import_without_registry_notes_it(upstream_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NCP_HOME", str(tmp_path / "home"))
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert ncp(["import", "nanochat", str(upstream_dir["root"]), "--name", "unreg"]) == 0
+        assert "model was not registered" in capsys.readouterr().err
+        assert not (tmp_path / "home" / "registry.db").exists()  # no empty database left behind
+    finally:
+        get_settings.cache_clear()

@@ -3,19 +3,76 @@
 DIR is an upstream base dir (`~/.cache/nanochat`: tokenizer/, base_checkpoints/, chatsft_checkpoints/,
 any subset). The model lands in `$NCP_HOME/models/NAME/` with a manifest.json saying what came
 from where (shared/nanochat/nanochat_import.py); `--json` prints that manifest.
+
+When the run registry is there (its database migrated by `ncp db upgrade`), the model is also
+registered in it (shared/db/model_registry.py): a name the registry already holds is refused
+before anything is written, and a registration that fails removes the imported folder again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.settings import Settings
+
+
+def registry_sessions(settings: Settings) -> sessionmaker[Session] | None:
+    """Sessions of the model registry, or None when there is none: the default SQLite file does
+    not exist yet, or the database was never migrated to a revision that has the `models` table.
+    A configured database that does not answer is an error (the import would go unregistered)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import OperationalError
+
+    from shared.db.session import is_sqlite, make_engine, make_session_factory
+
+    url = settings.database_url
+    assert url is not None  # Settings fills in the default
+    if is_sqlite(url) and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            has_table = inspect(conn).has_table("models")
+    except OperationalError as e:
+        engine.dispose()
+        raise ValueError(f"the run registry does not answer ({type(e).__name__}); nothing imported") from e
+    if not has_table:
+        engine.dispose()
+        return None
+    return make_session_factory(engine)
 
 
 def _nanochat(args: argparse.Namespace) -> int:
+    from shared.db import model_registry
+    from shared.db.session import session_scope
     from shared.nanochat.nanochat_import import import_nanochat
     from shared.settings import get_settings
 
-    manifest = import_nanochat(args.dir, get_settings().models_dir, args.name)
+    settings = get_settings()
+    sessions = registry_sessions(settings)
+    if sessions is not None:
+        with session_scope(sessions) as s:
+            old = model_registry.get_model(s, model_registry.check_name(args.name))
+        if old is not None:
+            raise model_registry.ModelExists(args.name, f"{old.source} model at {old.path}")
+    manifest = import_nanochat(args.dir, settings.models_dir, args.name)
+    if sessions is not None:
+        try:
+            with session_scope(sessions) as s:
+                model_registry.register_import(s, manifest)
+        except BaseException:
+            shutil.rmtree(manifest["path"], ignore_errors=True)
+            raise
+    else:
+        print(
+            "note: no migrated run registry (ncp db upgrade); the model was not registered", file=sys.stderr
+        )
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
