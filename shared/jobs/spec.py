@@ -485,12 +485,19 @@ class JobSpec(_Strict):
                 f"must equal model.vocab_size ({self.model.vocab_size})",
                 self.tokenizer.vocab_size,
             )
-        self._check_batch()
         ctx = (info.context if info is not None else None) or {}
         if ctx.get("check_paths", True):
             self._check_paths(_allowed_roots(ctx))
-        self._check_fits()
+        if not self.shape_pending:  # checked once the init checkpoint's shape is filled in
+            self._check_batch()
+            self._check_fits()
         return self
+
+    @property
+    def shape_pending(self) -> bool:
+        """A job on a registered model whose spec does not state the model's shape yet: it is taken
+        from the checkpoint at submit (shared/jobs/init_model.py), which validates the spec again."""
+        return self.init is not None and "sequence_len" not in self.model.model_fields_set
 
     def _check_init(self, stages: set[str]) -> None:
         assert self.init is not None
