@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def _parent_model(ctx: StageContext) -> str | None:
-    """The model this job continues from: its parent job's model, when the parent registered one."""
+    """The model this job continues from: its init model, or its parent job's model when the
+    parent registered one."""
+    if ctx.spec.init is not None:
+        return ctx.spec.init.model
     if ctx.spec.parent_job_id is None:
         return None
     with session_scope(ctx.sessions) as s:
@@ -60,17 +63,26 @@ def register_trained_model(ctx: StageContext, phase: str) -> None:
     ctx.event("model_registered", f"model {name!r}: {phase} checkpoints registered", {"model": name})
 
 
-def record_job_export(ctx: StageContext, export_dir: Path, checkpoint_dir: Path, kind: str) -> None:
-    """After the export stage wrote `export_dir` from `checkpoint_dir` (kind base or sft)."""
+def record_job_export(
+    ctx: StageContext, export_dir: Path, checkpoint_dir: Path, kind: str, step: int | None = None
+) -> None:
+    """After the export stage wrote `export_dir` from `checkpoint_dir` (kind base or sft) at `step`
+    (None = its newest)."""
     from shared.nanochat.checkpoint import latest_step
 
-    # The export is of the model that owns the checkpoint: this job's, or its parent's.
+    # The export is of the model that owns the checkpoint: the init model's, this job's, or its
+    # parent's.
+    chat = stage_inputs(ctx).chat_model
     owner = source_run(ctx, "sft" if kind == "sft" else "pretrain").root.name
-    step = latest_step(checkpoint_dir)
+    if step is None:
+        step = latest_step(checkpoint_dir)
 
     def record() -> str | None:
         with session_scope(ctx.sessions) as s:
-            model = model_registry.model_of_job(s, owner)
+            if chat is not None:
+                model = model_registry.get_model(s, chat.name)
+            else:
+                model = model_registry.model_of_job(s, owner)
             if model is None:  # trained before the model registry existed
                 return None
             model_registry.record_export(

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.context import LeaseLost, StageCancelled, StageContext, StageError, StageInterrupted
 from services.worker.heartbeat import LeaseHeartbeat
+from services.worker.inputs import init_models
 from services.worker.stages import STAGE_FUNCTIONS
 from shared.db import registry
 from shared.db.models import Job
@@ -103,6 +104,10 @@ def run_stage(
 
     with ctx.heartbeat:
         try:
+            if spec.init is not None:
+                # Every stage of a job on a registered model first checks the checkpoints it will
+                # read against the model's tokenizer: the first stage refuses a mismatch before work.
+                init_models(ctx)
             outputs = STAGE_FUNCTIONS[stage](ctx).model_dump(mode="json")
             if ctx.heartbeat.lost.is_set():
                 raise LeaseLost(job_id)

@@ -149,7 +149,7 @@ def stage_base_eval(ctx: StageContext) -> EvalOutputs:
     ev = ctx.spec.eval
     out = ctx.run.eval  # base_eval_<step>.json, where the report looks
     result = run_base_eval(
-        inputs.base_checkpoints, None, inputs.tokenizer_dir, inputs.data_dir, out,
+        inputs.base_checkpoints, inputs.base_step, inputs.tokenizer_dir, inputs.data_dir, out,
         bundle_dir=shared_dataset(ctx, "core_fixture", write_fixture_bundle),
         max_per_task=ev.core_max_per_task, device=ctx.spec.hardware.device, bpb_tokens=ev.tokens,
     )  # fmt: skip
@@ -163,7 +163,7 @@ def stage_chat_eval(ctx: StageContext) -> EvalOutputs:
     inputs = stage_inputs(ctx)
     out = ctx.run.eval  # chat_eval_<step>.json
     result = run_chat_eval(
-        inputs.sft_checkpoints, None, inputs.tokenizer_dir, out,
+        inputs.sft_checkpoints, inputs.sft_step, inputs.tokenizer_dir, out,
         tasks_dir=shared_dataset(ctx, "chat_fixture", write_fixture_chat_tasks),
         max_per_task=ctx.spec.eval.chat_max_per_task, device=ctx.spec.hardware.device,
     )  # fmt: skip
@@ -195,12 +195,15 @@ def _record_eval(ctx: StageContext, result: dict[str, Any], out: Path) -> EvalOu
 
 
 # --- export, serving, report ---------------------------------------------------------------------
-def _best_checkpoint(ctx: StageContext) -> tuple[Path, str]:
-    """The model to export: the SFT checkpoint when SFT ran, else the base model."""
+def _best_checkpoint(ctx: StageContext) -> tuple[Path, str, int | None]:
+    """The model to export (dir, kind, step; None = newest): the SFT checkpoint when SFT ran, else
+    the base model; for a job on a registered model, the checkpoint its chat readers read."""
     inputs = stage_inputs(ctx)
+    if inputs.chat_model is not None:
+        return inputs.chat_model.checkpoint_dir, inputs.chat_model.phase, inputs.chat_model.step
     for kind, d in (("sft", inputs.sft_checkpoints), ("base", inputs.base_checkpoints)):
         if d.is_dir() and latest_complete(d):
-            return d, kind
+            return d, kind, None
     raise StageError(
         "no_checkpoint", f"no complete checkpoint in {inputs.sft_checkpoints} or {inputs.base_checkpoints}"
     )
@@ -219,15 +222,15 @@ def served_name(ctx: StageContext) -> str:
 def stage_export(ctx: StageContext) -> ExportOutputs:
     from shared.nanochat.export import export_model
 
-    ckpt, kind = _best_checkpoint(ctx)
+    ckpt, kind, step = _best_checkpoint(ctx)
     # fp32 weights when the job trained on CPU: CPU serving is exact and bf16 gains nothing there.
     dtype = "float32" if ctx.spec.hardware.device == "cpu" else "bfloat16"
     out = export_model(
-        ckpt, None, stage_inputs(ctx).tokenizer_dir, ctx.run.export, served_name=served_name(ctx), dtype=dtype
+        ckpt, step, stage_inputs(ctx).tokenizer_dir, ctx.run.export, served_name=served_name(ctx), dtype=dtype
     )
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "export", str(out), "export")
-    record_job_export(ctx, out, ckpt, kind)
+    record_job_export(ctx, out, ckpt, kind, step)
     return ExportOutputs(
         export_dir=str(out), checkpoint_kind=kind, checkpoint_dir=str(ckpt), served_name=served_name(ctx)
     )

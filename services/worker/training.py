@@ -25,10 +25,13 @@ from services.worker.forwarder import ProgressForwarder
 from services.worker.inputs import stage_inputs
 from services.worker.launcher import LaunchConfig, LocalRun
 from services.worker.models import register_trained_model
+from shared.db.model_registry import ModelRef
 from shared.db.outage import BACKOFF_MAX_SECONDS, wait_out_outage
+from shared.jobs.init_model import describe
 from shared.jobs.progress_file import StepRecord, read_records
 from shared.jobs.stage_outputs import TrainOutputs
 from shared.jobs.trainer_config import pretrain_config, sft_config
+from shared.nanochat.init_from import InitPlan
 from shared.nanochat.sft_config import SFTConfig
 from shared.nanochat.train_config import TrainConfig
 from shared.paths import confine, confine_tree, resolve_under_roots
@@ -44,16 +47,45 @@ def latest_complete_step(ckpt_dir: Path) -> int | None:
     return latest_step(ckpt_dir)
 
 
+def _world_size(ctx: StageContext) -> int:
+    """Ranks the trainer will run on: this node's processes, or every pod's of a multi-node run."""
+    return ctx.spec.hardware.world_size if ctx.spec.hardware.nodes > 1 else _nproc(ctx)
+
+
+def _init_plan(ctx: StageContext, ref: ModelRef) -> InitPlan:
+    """What continuing from the init model loads; refused here, before the trainer starts, when
+    the checkpoint cannot give it (e.g. "saved" optimizer state it does not have)."""
+    from shared.nanochat.checkpoint import CheckpointError
+    from shared.nanochat.init_from import plan_init
+
+    try:
+        plan = plan_init(ref.checkpoint_dir, ref.step, ctx.spec.resume.optimizer, _world_size(ctx))
+    except (CheckpointError, ValueError) as e:
+        raise StageError("init_refused", f"init: {describe(ref)}: {e}") from None
+    ctx.event(
+        "init",
+        f"initialised from {describe(ref)}: {plan.describe()}",
+        {"model": ref.name, "phase": ref.phase, **plan.to_dict()},
+    )
+    return plan
+
+
 def stage_pretrain(ctx: StageContext) -> TrainOutputs:
     inputs = stage_inputs(ctx)
     ckpt_dir = inputs.base_checkpoints
     resume_step = latest_complete_step(ckpt_dir)
+    # The run's own newest checkpoint wins over the init model: a continuation that crashed
+    # resumes itself (the trainer makes the same choice).
+    init = (
+        _init_plan(ctx, inputs.base_model) if inputs.base_model is not None and resume_step is None else None
+    )
     cfg = pretrain_config(
         ctx.spec,
         data_dir=inputs.data_dir,
         tokenizer_dir=inputs.tokenizer_dir,
         checkpoint_dir=ckpt_dir,
         resume=resume_step is not None,
+        init=(init.checkpoint_dir, init.step) if init is not None else None,
     )
     out = _train(ctx, "pretrain", cfg, ckpt_dir, "base", resume_step)
     register_trained_model(ctx, "base")
@@ -73,10 +105,19 @@ def stage_sft(ctx: StageContext) -> TrainOutputs:
     ]
     hub = [s.path for s in ctx.spec.sft.sources if s.kind not in ("demo", "conversations") and s.path]
     tasks_dir = confine_tree(resolve_under_roots(hub[0], ctx.roots), ctx.roots) if hub else None
+    if inputs.base_model is not None and resume_step is None:
+        ref = inputs.base_model
+        momenta = (
+            ctx.spec.resume.optimizer == "saved" and ref.has_optimizer and ref.world_size == _world_size(ctx)
+        )
+        # SFT takes the base momenta only onto as many ranks as saved them (as from a parent job).
+        loaded = "weights + optimizer momenta" if momenta else "weights only, fresh optimizer"
+        ctx.event("init", f"sft starts from {describe(ref)}: {loaded}", {"model": ref.name, "step": ref.step})
     cfg = sft_config(
         ctx.spec,
         tokenizer_dir=inputs.tokenizer_dir,
         base_dir=inputs.base_checkpoints,
+        base_step=inputs.base_step,
         out_dir=out_dir,
         resume=resume_step is not None,
         conversations=conversations,

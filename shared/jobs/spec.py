@@ -409,6 +409,46 @@ class ImportSpec(_Strict):
             raise ValueError(str(e).removeprefix("name: ")) from None
 
 
+# A model name in the model registry (`ncp import nanochat DIR --name NAME`, a finished job's model);
+# the same rule as the importer's (shared/nanochat/nanochat_import.py validate_name).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Phases a job may start from (the registry's checkpoint phases a trainer can read).
+INIT_PHASES = ("base", "sft")
+
+
+class InitSpec(_Strict):
+    """Start from a registered model instead of a parent job's run folder (issue #13).
+
+    Which checkpoint each stage reads: `phase` when given, for every stage that reads the model.
+    When left out, the stages that read a base model (pretrain, base_eval, sft) read its `base`
+    checkpoints, and those that read a chat model (chat_eval, export, serve) read its `sft`
+    checkpoints when it has any, else its `base` ones. `step` picks the step in that phase.
+    """
+
+    model: Text = Field(
+        max_length=64, pattern=MODEL_NAME_PATTERN, description="Registered model to start from"
+    )
+    step: Annotated[int, Field(ge=0, le=MAX_INT32)] | Literal["latest"] = Field(
+        default="latest", description="Checkpoint step of the model; 'latest' = its newest"
+    )
+    phase: Literal["base", "sft"] | None = Field(
+        default=None, description="Checkpoint phase; None = base for base readers, sft (if any) for chat"
+    )
+
+    @property
+    def step_or_none(self) -> int | None:
+        """The step to ask the registry for; None = the newest."""
+        return None if self.step == "latest" else int(self.step)
+
+
+class ResumeSpec(_Strict):
+    optimizer: Literal["saved", "fresh"] = Field(
+        default=train_default("resume_optimizer"),
+        description="Training from `init`: 'saved' loads the checkpoint's optimizer state (resharded "
+        "when its rank count differs), 'fresh' loads the weights only",
+    )
+
+
 class JobSpec(_Strict):
     # `import` is a Python keyword: the field is `import_`, spelled "import" in JSON both ways.
     model_config = ConfigDict(**_Strict.model_config, serialize_by_alias=True)
@@ -427,6 +467,12 @@ class JobSpec(_Strict):
         pattern=r"^[A-Za-z0-9-]+$",
         description="Job whose run folder supplies the tokenizer/checkpoints when this job does not pretrain",
     )
+    init: InitSpec | None = Field(
+        default=None,
+        description="Registered model that supplies the tokenizer/checkpoints (instead of parent_job_id); "
+        "with 'pretrain' in the stages, pretraining continues from its checkpoint",
+    )
+    resume: ResumeSpec = Field(default_factory=lambda: ResumeSpec())
     model: ModelSpec = Field(default_factory=lambda: ModelSpec())
     data: DataSpec = Field(default_factory=lambda: DataSpec())
     tokenizer: TokenizerSpec = Field(default_factory=lambda: TokenizerSpec())
@@ -452,13 +498,25 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _whole(self, info: ValidationInfo) -> JobSpec:
         if self.stages is None:
-            object.__setattr__(self, "stages", list(DEFAULT_STAGES[self.kind]))
+            # A job starting from a model uses that model's tokenizer: the kind's default stages
+            # lose their tokenizer stage (an explicit list that names it is refused below).
+            # It also has no corpus: a default list that trains or measures validation bpb gets
+            # the data stage (first in pipeline order).
+            chosen = list(DEFAULT_STAGES[self.kind])
+            if self.init is not None:
+                chosen = [s for s in chosen if s != "tokenizer"]
+                if {"pretrain", "base_eval"} & set(chosen) and "data" not in chosen:
+                    chosen.insert(0, "data")
+            object.__setattr__(self, "stages", chosen)
         stages = set(self.stages or ())
         self._check_import(stages)
-        if "pretrain" not in stages and stages & NEEDS_MODEL and not self.parent_job_id:
+        if self.init is not None:
+            self._check_init(stages)
+        elif "pretrain" not in stages and stages & NEEDS_MODEL and not self.parent_job_id:
             raise field_error(
                 ("parent_job_id",),
-                f"stages {sorted(stages & NEEDS_MODEL)} need a model: add 'pretrain' or give parent_job_id",
+                f"stages {sorted(stages & NEEDS_MODEL)} need a model: add 'pretrain' or give "
+                "parent_job_id or init",
                 None,
             )
         if self.tokenizer.vocab_size is not None and self.tokenizer.vocab_size != self.model.vocab_size:
@@ -468,12 +526,13 @@ class JobSpec(_Strict):
                 f"must equal model.vocab_size ({self.model.vocab_size})",
                 self.tokenizer.vocab_size,
             )
-        self._check_batch()
-        self._check_fp8()
         ctx = (info.context if info is not None else None) or {}
         if ctx.get("check_paths", True):
             self._check_paths(_allowed_roots(ctx))
-        self._check_fits()
+        if not self.shape_pending:  # checked once the init checkpoint's shape is filled in
+            self._check_batch()
+            self._check_fp8()
+            self._check_fits()
         return self
 
     def _check_import(self, stages: set[str]) -> None:
@@ -486,6 +545,36 @@ class JobSpec(_Strict):
             raise field_error(("kind",), "stage 'import' runs only in a job of kind 'import'", self.kind)
         elif self.import_ is not None:
             raise field_error(("import",), "only a job of kind 'import' reads the import section", None)
+
+    @property
+    def shape_pending(self) -> bool:
+        """A job on a registered model whose spec does not state the model's shape yet: it is taken
+        from the checkpoint at submit (shared/jobs/init_model.py), which validates the spec again."""
+        return self.init is not None and "sequence_len" not in self.model.model_fields_set
+
+    def _check_init(self, stages: set[str]) -> None:
+        assert self.init is not None
+        if self.parent_job_id is not None:
+            raise field_error(
+                ("init",),
+                "give either init or parent_job_id, not both: each names where the model comes from",
+                self.parent_job_id,
+            )
+        if "tokenizer" in stages:
+            raise field_error(
+                ("stages",),
+                f"init.model {self.init.model!r} brings its own tokenizer: drop the 'tokenizer' stage "
+                "(a retrained tokenizer would not match the model's embeddings)",
+                self.stages,
+            )
+        reads_data = stages & {"pretrain", "base_eval"}
+        if reads_data and "data" not in stages:
+            raise field_error(
+                ("stages",),
+                f"stages {sorted(reads_data)} read a corpus (training batches / validation bpb) and a "
+                "model from init has none: add the 'data' stage",
+                self.stages,
+            )
 
     def _check_batch(self) -> None:
         total = self.batch.total_batch_size

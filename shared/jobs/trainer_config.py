@@ -23,9 +23,16 @@ def _given(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def pretrain_config(
-    spec: JobSpec, *, data_dir: Path, tokenizer_dir: Path, checkpoint_dir: Path, resume: bool
+    spec: JobSpec,
+    *,
+    data_dir: Path,
+    tokenizer_dir: Path,
+    checkpoint_dir: Path,
+    resume: bool,
+    init: tuple[Path, int] | None = None,
 ) -> TrainConfig:
-    """The TrainConfig (shared/nanochat/train_config.py) a job spec describes."""
+    """The TrainConfig (shared/nanochat/train_config.py) a job spec describes. `init`: the
+    (checkpoint dir, step) of the init model that pretraining continues from."""
     m, hz, b, o = spec.model, spec.horizon, spec.batch, spec.optim
     return TrainConfig(
         data_dir=str(data_dir),
@@ -52,6 +59,9 @@ def pretrain_config(
         save_every=spec.checkpoint.every,
         keep_last=spec.checkpoint.keep_last,
         resume=resume,
+        init_checkpoint_dir=str(init[0]) if init is not None else None,
+        init_step=init[1] if init is not None else None,
+        resume_optimizer=spec.resume.optimizer,
         device=spec.hardware.device,
         seed=spec.seed,
         **_given(
@@ -71,6 +81,7 @@ def sft_config(
     base_dir: Path,
     out_dir: Path,
     resume: bool,
+    base_step: int | None = None,
     conversations: Sequence[Path] = (),
     tasks_dir: Path | None = None,
 ) -> SFTConfig:
@@ -100,11 +111,14 @@ def sft_config(
         mixture = {"mixture": "demo" if "demo" in kinds else "jsonl"}
     return SFTConfig(
         base_checkpoint_dir=str(base_dir),
+        base_step=base_step,
         tokenizer_dir=str(tokenizer_dir),
         out_dir=str(out_dir),
         conversations=tuple(str(c) for c in conversations),
         device_batch_size=spec.sft.device_batch_size,
         resume=resume,
+        # "fresh" starts SFT without the base run's momenta; "saved" takes them when they fit.
+        load_optimizer=spec.resume.optimizer == "saved",
         device=spec.hardware.device,
         seed=spec.seed,
         **mixture,

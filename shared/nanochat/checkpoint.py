@@ -271,17 +271,19 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{d}: checkpoint step {step} was saved by {world} rank(s); no shard for rank {rank}"
             )
-        optim_path = d / OPTIM_FILE.format(step=step, rank=rank)
-        if not optim_path.exists():
-            raise CheckpointError(f"{optim_path} missing: checkpoint step {step} has no optimizer state")
-        optim_state = _torch_load(optim_path, device)
-        if (
-            not isinstance(optim_state, dict)
-            or "state" not in optim_state
-            or "param_groups" not in optim_state
-        ):
-            raise CheckpointError(f"{optim_path}: not an optimizer state_dict")
+        optim_state = load_optimizer_shard(d, step, rank, device)
     return model_state, optim_state, meta
+
+
+def load_optimizer_shard(ckpt_dir, step: int, rank: int, device="cpu") -> dict:
+    """The optimizer state_dict rank `rank` saved at `step` (no weights read)."""
+    optim_path = Path(ckpt_dir) / OPTIM_FILE.format(step=step, rank=rank)
+    if not optim_path.exists():
+        raise CheckpointError(f"{optim_path} missing: checkpoint step {step} has no optimizer state")
+    optim_state = _torch_load(optim_path, device)
+    if not isinstance(optim_state, dict) or "state" not in optim_state or "param_groups" not in optim_state:
+        raise CheckpointError(f"{optim_path}: not an optimizer state_dict")
+    return optim_state
 
 
 def checkpoint_meta(ckpt_dir, step: int | None = None) -> dict:
@@ -491,7 +493,7 @@ def copy_checkpoint(
                 f"{src}: checkpoint step {step} has no optimizer state; continue it weights-only "
                 "(a fresh optimizer) instead"
             )
-        shards = [load_checkpoint(src, step, load_optimizer=True, rank=r)[1] for r in range(n)]  # type: ignore[misc]
+        shards = [load_optimizer_shard(src, step, r) for r in range(n)]
         m = world_size or n
         if m != n:
             shards = reshard_optimizer_states(shards, group_layout(config), m)

@@ -479,6 +479,19 @@ class Schedule:
         return self.weight_decay * 0.5 * (1 + math.cos(math.pi * step / self.num_iterations))
 
 
+def load_saved_state(optimizer: MuonAdamW, state: dict) -> None:
+    """Take another run's per-parameter state (moments, momentum buffers) and keep this run's
+    hyperparameters (LRs, weight decay, schedule bases): an SFT run from a base checkpoint, a
+    pretraining run continued from another run's checkpoint."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"saved optimizer state does not match the model's parameter groups: {e}") from None
+    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(hyper)
+
+
 def apply_schedule(optimizer: MuonAdamW, schedule: Schedule, step: int) -> dict[str, float]:
     """Set every group's LR (and Muon momentum / weight decay) for `step`; returns the values."""
     lrm = schedule.lr_multiplier(step)

@@ -32,7 +32,7 @@ from shared.nanochat.device import DistInfo, choose_dtype, detect_device, init_d
 from shared.nanochat.fp8 import FP8_ALIGN, enable_fp8
 from shared.nanochat.gpt import GPT
 from shared.nanochat.kernel_report import graph_break_count, kernel_report
-from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups
+from shared.nanochat.optim import MuonAdamW, OptimizerConfig, build_param_groups, load_saved_state
 from shared.nanochat.sft_config import SFTConfig
 from shared.nanochat.sft_data import PackerState, build_mixture, packed_batches
 from shared.nanochat.sizing import mfu
@@ -81,17 +81,6 @@ def _optimizer(model: GPT, cfg: SFTConfig, base_meta: dict, device: torch.device
         ortho_dtype=torch.bfloat16 if gpu else torch.float32,
         compile_kernels=gpu if cfg.compile is None else cfg.compile,
     )
-
-
-def _load_momenta(optimizer: MuonAdamW, state: dict) -> None:
-    """Take the saved per-parameter state (momentum buffers), keep this run's hyperparameters."""
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"base optimizer state does not match the model's parameter groups: {e}") from None
-    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
-        group.update(hyper)
 
 
 @torch.no_grad()
@@ -168,7 +157,7 @@ def _load_start(cfg: SFTConfig, tokenizer: Tokenizer, dinfo: DistInfo, dtype: to
     del model_state
     optimizer = _optimizer(model, cfg, base_meta, dinfo.device)
     if optim_state is not None:
-        _load_momenta(optimizer, optim_state)
+        load_saved_state(optimizer, optim_state)
     return model, optimizer, meta, base_meta, resume_step, optim_state is not None
 
 

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from shared.nanochat import sizing
 from shared.nanochat.checkpoint import apply_retention, latest_step, load_checkpoint, save_checkpoint
 from shared.nanochat.device import DistInfo, choose_dtype, detect_device, init_distributed
-from shared.nanochat.optim import MuonAdamW, Schedule, apply_schedule, build_param_groups
+from shared.nanochat.init_from import InitPlan, init_optimizer_state, plan_init
+from shared.nanochat.optim import MuonAdamW, Schedule, apply_schedule, build_param_groups, load_saved_state
 from shared.nanochat.train_config import TrainConfig
 
 EMA_BETA = 0.9  # smoothing of the reported training loss (debiased), as the reference
@@ -139,6 +140,19 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         resume_step = latest_step(ckpt_dir)
     meta: dict = {}
     optim_state = None
+    # Another run's checkpoint starts this run only while it has none of its own: a continuation
+    # that crashed resumes from its own newest checkpoint (which records the init it came from).
+    init: InitPlan | None = None
+    if resume_step is None and cfg.init_checkpoint_dir is not None:
+        init = plan_init(cfg.init_checkpoint_dir, cfg.init_step, cfg.resume_optimizer, world)
+        init_state, _, init_meta = load_checkpoint(init.checkpoint_dir, init.step, device=device)
+        if init_meta.get("model_config") != model_config.to_dict():
+            raise ValueError(
+                f"init_checkpoint_dir: {init.checkpoint_dir} step {init.step} holds a different model "
+                f"({init_meta.get('model_config')}) than this config ({model_config.to_dict()})"
+            )
+        model.load_state_dict(init_state, strict=True)
+        del init_state
     if resume_step is not None:
         model_state, optim_state, meta = load_checkpoint(
             ckpt_dir, resume_step, device=device, load_optimizer=True, rank=rank
@@ -170,6 +184,10 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if optim_state is not None:
         optimizer.load_state_dict(optim_state)
         del optim_state
+    elif init is not None and init.optimizer == "saved":
+        # The moments continue; LRs, weight decay and the schedule are this run's.
+        load_saved_state(optimizer, init_optimizer_state(init, model_config, rank, device))
+    init_record = init.to_dict() if init is not None else meta.get("init")
     schedule = Schedule(
         num_iterations=num_iterations,
         weight_decay=plan.weight_decay,
@@ -255,6 +273,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                 "smooth_train_loss": smooth_loss,
                 "total_training_time": total_time,
             },
+            "init": init_record,  # the checkpoint this run started from, and what it loaded
             "plan": {
                 "batch_lr_scale": plan.batch_lr_scale,
                 "weight_decay": plan.weight_decay,

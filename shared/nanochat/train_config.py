@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 # Validation tokens per bits-per-byte evaluation: the reference base_train's --eval-tokens. The
 # eval stage's runner uses the same number.
 EVAL_TOKENS = 80 * 524288
+# What a run started from another run's checkpoint does with that checkpoint's optimizer state.
+RESUME_OPTIMIZER = ("saved", "fresh")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class TrainConfig:
     milestone_every: int = 0  # steps whose checkpoints retention never deletes
     resume: bool = True  # continue from the newest complete checkpoint in checkpoint_dir
     resume_from_step: int | None = None  # ... or from exactly this one
+    # Start from another run's checkpoint (a registered model, issue #13) when this run has none of
+    # its own: its own newest checkpoint always wins, so a crashed continuation resumes itself.
+    # The step counter, LR schedule, data position and loop state start fresh for this run.
+    init_checkpoint_dir: str | None = None
+    init_step: int | None = None  # None = newest complete checkpoint in init_checkpoint_dir
+    # "saved": load the init checkpoint's optimizer state, resharded when it was written by another
+    # number of ranks (and refuse to start when it has none); "fresh": weights only.
+    resume_optimizer: str = "saved"
     # runtime
     device: str = "auto"  # auto | cuda | rocm | mps | cpu
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
@@ -98,6 +108,25 @@ class TrainConfig:
             low = 0 if name == "resume_from_step" else 1
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
                 raise ValueError(f"TrainConfig.{name} must be None or an integer >= {low}, got {v!r}")
+        if self.init_checkpoint_dir is not None and (
+            not isinstance(self.init_checkpoint_dir, (str, Path)) or not str(self.init_checkpoint_dir)
+        ):
+            raise ValueError(
+                f"TrainConfig.init_checkpoint_dir must be None or a non-empty path, got {self.init_checkpoint_dir!r}"
+            )
+        if self.init_checkpoint_dir is not None:
+            object.__setattr__(self, "init_checkpoint_dir", str(self.init_checkpoint_dir))
+        if self.init_step is not None:
+            if not isinstance(self.init_step, int) or isinstance(self.init_step, bool) or self.init_step < 0:
+                raise ValueError(
+                    f"TrainConfig.init_step must be None or an integer >= 0, got {self.init_step!r}"
+                )
+            if self.init_checkpoint_dir is None:
+                raise ValueError("TrainConfig.init_step needs init_checkpoint_dir (the run it is a step of)")
+        if self.resume_optimizer not in RESUME_OPTIMIZER:
+            raise ValueError(
+                f"TrainConfig.resume_optimizer must be one of {list(RESUME_OPTIMIZER)}, got {self.resume_optimizer!r}"
+            )
         if self.target_flops is not None and not self.target_flops > 0:
             raise ValueError(f"TrainConfig.target_flops must be None or > 0, got {self.target_flops!r}")
         if self.num_iterations is None and self.target_flops is None and not self.target_param_data_ratio > 0:

@@ -198,3 +198,58 @@ def test_valid_specs_round_trip(depth, iters, dbs, gpus, kind):
     )
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
     assert spec.stages == list(DEFAULT_STAGES[kind])
+
+
+# --- init: start from a registered model (issue #13) -------------------------------------------
+
+
+def test_init_is_an_alternative_to_parent_job_id():
+    spec = JobSpec.model_validate({"kind": "sft", "init": {"model": "my-run"}})
+    assert spec.stages == ["sft", "chat_eval"]
+    assert spec.init is not None and spec.init.step == "latest" and spec.init.step_or_none is None
+    assert spec.init.phase is None and spec.resume.optimizer == "saved"
+    # The defaults lose the tokenizer stage (the model brings one) and gain data where a corpus is read.
+    assert JobSpec.model_validate({"kind": "pretrain", "init": {"model": "m", "step": 3}}).stages == [
+        "data",
+        "pretrain",
+        "base_eval",
+    ]
+    assert JobSpec.model_validate({"kind": "eval", "init": {"model": "m"}}).stages == ["data", "base_eval"]
+    both = {"kind": "eval", "init": {"model": "m"}, "parent_job_id": "abc"}
+    loc, msg = bad_field(both)
+    assert loc == "init" and "init" in msg and "parent_job_id" in msg
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "says"),
+    [
+        ({"init": {"model": "../etc"}}, "init.model", "pattern"),
+        ({"init": {"model": "m", "step": "3"}}, "init.step.constrained-int", "integer"),
+        ({"init": {"model": "m", "step": -1}}, "init.step.constrained-int", "0"),
+        ({"init": {"model": "m", "phase": "rl"}}, "init.phase", "base"),
+        ({"init": {"model": "m", "tag": "d2"}}, "init.tag", "Extra"),
+        ({"resume": {"optimizer": "old"}}, "resume.optimizer", "saved"),
+        ({"init": {"model": "m"}, "stages": ["data", "tokenizer", "pretrain"]}, "stages", "tokenizer"),
+        ({"init": {"model": "m"}, "stages": ["base_eval"]}, "stages", "data"),
+    ],
+)
+def test_init_refusals_name_the_field(data, field, says):
+    loc, msg = bad_field(data)
+    assert loc == field and says in msg
+
+
+def test_init_shape_comes_from_the_checkpoint():
+    from shared.jobs.init_model import apply_checkpoint_shape
+
+    ckpt = {"sequence_len": 32, "vocab_size": 300, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 64}
+    spec = JobSpec.model_validate({"kind": "eval", "init": {"model": "m"}, "model": {"depth": 2}})
+    filled = apply_checkpoint_shape(spec, ckpt, "model m base step 3")
+    assert filled.model.gpt_config().to_dict() == {**ckpt, "window_pattern": "L"}
+    assert filled.checkpoint_tag == "d2" and filled.init == spec.init
+    for field, value, theirs in (("vocab_size", 512, "300"), ("depth", 4, "2"), ("head_dim", 64, "32")):
+        contra = JobSpec.model_validate({"kind": "eval", "init": {"model": "m"}, "model": {field: value}})
+        with pytest.raises(ValidationError) as ei:
+            apply_checkpoint_shape(contra, ckpt, "model m base step 3")
+        err = ei.value.errors()[0]
+        assert err["loc"] == ("model", field)
+        assert f"is {value} but model m base step 3 has {theirs}" in err["msg"]

@@ -120,14 +120,15 @@ def test_sft_user_jsonl_bad_line(trained_base, tmp_path):
 
 def test_base_momenta_load_with_fresh_lrs(trained_base, tmp_path):
     from shared.nanochat.checkpoint import build_model
-    from shared.nanochat.sft import _load_momenta, _optimizer
+    from shared.nanochat.optim import load_saved_state
+    from shared.nanochat.sft import _optimizer
 
     model, meta = build_model(trained_base[2])
     _, base_optim, _ = load_checkpoint(trained_base[2], None, load_optimizer=True)
     cfg = _cfg(trained_base, tmp_path, init_lr_frac=0.8)
     opt = _optimizer(model, cfg, meta, torch.device("cpu"))
     fresh = [(g["lr"], g["initial_lr"], g.get("weight_decay")) for g in opt.param_groups]
-    _load_momenta(opt, base_optim)
+    load_saved_state(opt, base_optim)
     assert [(g["lr"], g["initial_lr"], g.get("weight_decay")) for g in opt.param_groups] == fresh
     muon = next(g for g in opt.param_groups if g["kind"] == "muon")
     assert muon["lr"] == pytest.approx(0.8 * 0.02) and muon["weight_decay"] == 0.0

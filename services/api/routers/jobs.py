@@ -19,6 +19,7 @@ from shared.db import model_registry, registry
 from shared.db.models import JobKind, JobStatus
 from shared.db.session import session_scope
 from shared.jobs.dispatch import enqueue_job
+from shared.jobs.init_model import prepare_init_spec
 from shared.jobs.progress_file import scan_kernel_reports
 from shared.jobs.spec import JobCreate, field_error
 from shared.paths import run_paths
@@ -126,6 +127,10 @@ def submit_spec(
             raise ApiError(
                 422, "validation_error", f"parent_job_id: no job {spec.parent_job_id!r}", "parent_job_id"
             ) from None
+    if spec.init is not None:
+        # The model, its checkpoints and their fit to its tokenizer are checked now (a 422 naming
+        # init.* or model.*), and the stored spec takes the checkpoint's shape.
+        spec = prepare_init_spec(session, spec)
     # A repeated import (same key) returns its job even after that job took the name.
     repeated = idempotency_key is not None and registry.job_by_idempotency_key(session, idempotency_key)
     if spec.import_ is not None and not repeated:
