@@ -21,35 +21,36 @@ symlinks followed.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from shared.db.models import MAX_INT32, JobKind
+from shared.db.models import JobKind
+from shared.jobs.spec_fields import (
+    MAX_JSON_INT,
+    Count,
+    StageName,
+    Strict,
+    Text,
+    config_default,
+    field_error,
+    sft_default,
+    train_default,
+)
+from shared.jobs.spec_origin import ImportSpec, InitSpec, ResumeSpec
 from shared.jobs.stages import DEFAULT_STAGES, NEEDS_MODEL, SELECTABLE_STAGES, check_stage_selection
 from shared.nanochat.config import GPTConfig
-from shared.nanochat.nanochat_import import validate_name
-from shared.nanochat.sft_config import SFTConfig
-from shared.nanochat.train_config import FP8_ALIGN, TrainConfig
+from shared.nanochat.train_config import FP8_ALIGN
 from shared.paths import PathEscapeError, resolve_existing_source
 
-# Every count a spec gives is bounded by the registry's 32-bit integer columns (shared/db/models.py;
-# step counts end up in them). Token and character budgets never reach an integer column and may be
-# larger, up to what a JSON number carries exactly.
-MAX_JSON_INT = 2**53 - 1
 # Training memory per parameter that does not depend on batch size: fp32 master weights (4 bytes)
 # and gradients (4) on every GPU, optimizer state (Adam moments / Muon momentum, about 8) sharded
 # over all GPUs. Activations come on top, so a model over this floor cannot fit at any batch size.
@@ -61,53 +62,7 @@ MAX_DEVICE_MEMORY_BYTES = 256 * 10**9
 HUB_EPOCH_FIELDS = {"smoltalk": "smoltalk_epochs", "mmlu": "mmlu_epochs", "gsm8k": "gsm8k_epochs"}
 
 
-def _default(cls: type, name: str) -> Any:
-    """The default of dataclass field `cls.name`: the one definition the spec refers to."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is dataclasses.MISSING:
-                raise AssertionError(f"{cls.__name__}.{name} has no default to refer to")
-            return f.default
-    raise AssertionError(f"{cls.__name__} has no field {name!r}")
-
-
-def train_default(name: str) -> Any:
-    return _default(TrainConfig, name)
-
-
-def sft_default(name: str) -> Any:
-    return _default(SFTConfig, name)
-
-
-def field_error(loc: tuple[str | int, ...], message: str, value: Any) -> ValidationError:
-    """A ValidationError located at `loc`, for checks that span several fields."""
-    err = PydanticCustomError("value_error", "{reason}", {"reason": message})
-    return ValidationError.from_exception_data("JobSpec", [InitErrorDetails(type=err, loc=loc, input=value)])
-
-
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; a spec string lands in events, errors and file names.
-    if "\x00" in value:
-        raise ValueError("must not contain a NUL byte")
-    return value
-
-
-def _known_stage(value: str) -> str:
-    if value not in SELECTABLE_STAGES:
-        raise ValueError(f"unknown stage {value!r}; stages are {list(SELECTABLE_STAGES)}")
-    return value
-
-
-Text = Annotated[str, AfterValidator(_no_nul)]
-StageName = Annotated[str, AfterValidator(_known_stage)]
-Count = Annotated[int, Field(le=MAX_INT32)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """Model shape from a single depth, as in the reference (width = depth * aspect_ratio)."""
 
     depth: int = Field(default=train_default("depth"), ge=1, le=256, description="Transformer layers")
@@ -128,7 +83,7 @@ class ModelSpec(_Strict):
     )
     sequence_len: int = Field(default=train_default("max_seq_len"), ge=16, le=131072)
     vocab_size: int = Field(
-        default=_default(GPTConfig, "vocab_size"),
+        default=config_default(GPTConfig, "vocab_size"),
         ge=265,
         le=1 << 20,
         description="Tokenizer vocabulary incl. 9 specials",
@@ -178,7 +133,7 @@ class ModelSpec(_Strict):
         )
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     source: Literal["demo", "local", "remote"] = "demo"
     path: Text | None = Field(
         default=None,
@@ -226,7 +181,7 @@ class DataSpec(_Strict):
         return self
 
 
-class TokenizerSpec(_Strict):
+class TokenizerSpec(Strict):
     vocab_size: int | None = Field(default=None, ge=265, le=1 << 20, description="None = model.vocab_size")
     max_chars: int = Field(
         default=2_000_000_000,
@@ -236,7 +191,7 @@ class TokenizerSpec(_Strict):
     )
 
 
-class HorizonSpec(_Strict):
+class HorizonSpec(Strict):
     """How long to pretrain: at most one of the three; none = TrainConfig's target_param_data_ratio."""
 
     num_iterations: Count | None = Field(default=train_default("num_iterations"), ge=1)
@@ -265,7 +220,7 @@ class HorizonSpec(_Strict):
         return self
 
 
-class BatchSpec(_Strict):
+class BatchSpec(Strict):
     device_batch_size: int = Field(
         default=train_default("device_batch_size"),
         ge=1,
@@ -277,7 +232,7 @@ class BatchSpec(_Strict):
     )
 
 
-class OptimSpec(_Strict):
+class OptimSpec(Strict):
     embedding_lr: float = Field(default=train_default("embedding_lr"), gt=0, le=10)
     unembedding_lr: float = Field(default=train_default("unembedding_lr"), gt=0, le=10)
     matrix_lr: float = Field(default=train_default("matrix_lr"), gt=0, le=10)
@@ -292,7 +247,7 @@ class OptimSpec(_Strict):
     warmdown_ratio: float = Field(default=train_default("warmdown_ratio"), ge=0, le=1)
 
 
-class EvalSpec(_Strict):
+class EvalSpec(Strict):
     every: Count = Field(
         default=train_default("eval_every"),
         ge=0,
@@ -312,7 +267,7 @@ class EvalSpec(_Strict):
     )
 
 
-class CheckpointSpec(_Strict):
+class CheckpointSpec(Strict):
     every: Count = Field(
         default=train_default("save_every"),
         ge=0,
@@ -321,7 +276,7 @@ class CheckpointSpec(_Strict):
     keep_last: int = Field(default=train_default("keep_last"), ge=1, le=1000)
 
 
-class SFTSource(_Strict):
+class SFTSource(Strict):
     kind: Literal["demo", "conversations", "smoltalk", "mmlu", "gsm8k"] = "demo"
     path: Text | None = Field(
         default=None,
@@ -344,7 +299,7 @@ class SFTSource(_Strict):
         return self
 
 
-class SFTSpec(_Strict):
+class SFTSpec(Strict):
     num_iterations: Count | None = Field(default=None, ge=1, description="None = one pass over the mixture")
     device_batch_size: int = Field(default=sft_default("device_batch_size"), ge=1, le=4096)
     sources: list[SFTSource] = Field(default_factory=lambda: [SFTSource()], min_length=1, max_length=64)
@@ -364,7 +319,7 @@ class SFTSpec(_Strict):
         return self
 
 
-class HardwareSpec(_Strict):
+class HardwareSpec(Strict):
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node; 0 = CPU")
     nodes: int = Field(default=1, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = train_default("device")
@@ -382,76 +337,9 @@ class HardwareSpec(_Strict):
         return max(1, self.gpus) * self.nodes
 
 
-class ImportSpec(_Strict):
-    """What an `import` job brings in: a model trained elsewhere, as a named platform model."""
-
-    source: Literal["nanochat"] = Field(
-        default="nanochat", description="Format of the source: an upstream nanochat base dir"
-    )
-    path: Text = Field(
-        min_length=1,
-        max_length=4096,
-        description="The base dir (tokenizer/, base_checkpoints/, chatsft_checkpoints/, any subset) "
-        "under an allowed root; it must exist",
-    )
-    name: Text = Field(
-        min_length=1,
-        max_length=64,
-        description="Model name: letters, digits, '.', '_' or '-', starting with a letter or digit",
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        try:
-            return validate_name(v)  # the importer's rule, so the stage never refuses a name we took
-        except ValueError as e:
-            raise ValueError(str(e).removeprefix("name: ")) from None
-
-
-# A model name in the model registry (`ncp import nanochat DIR --name NAME`, a finished job's model);
-# the same rule as the importer's (shared/nanochat/nanochat_import.py validate_name).
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-# Phases a job may start from (the registry's checkpoint phases a trainer can read).
-INIT_PHASES = ("base", "sft")
-
-
-class InitSpec(_Strict):
-    """Start from a registered model instead of a parent job's run folder (issue #13).
-
-    Which checkpoint each stage reads: `phase` when given, for every stage that reads the model.
-    When left out, the stages that read a base model (pretrain, base_eval, sft) read its `base`
-    checkpoints, and those that read a chat model (chat_eval, export, serve) read its `sft`
-    checkpoints when it has any, else its `base` ones. `step` picks the step in that phase.
-    """
-
-    model: Text = Field(
-        max_length=64, pattern=MODEL_NAME_PATTERN, description="Registered model to start from"
-    )
-    step: Annotated[int, Field(ge=0, le=MAX_INT32)] | Literal["latest"] = Field(
-        default="latest", description="Checkpoint step of the model; 'latest' = its newest"
-    )
-    phase: Literal["base", "sft"] | None = Field(
-        default=None, description="Checkpoint phase; None = base for base readers, sft (if any) for chat"
-    )
-
-    @property
-    def step_or_none(self) -> int | None:
-        """The step to ask the registry for; None = the newest."""
-        return None if self.step == "latest" else int(self.step)
-
-
-class ResumeSpec(_Strict):
-    optimizer: Literal["saved", "fresh"] = Field(
-        default=train_default("resume_optimizer"),
-        description="Training from `init`: 'saved' loads the checkpoint's optimizer state (resharded "
-        "when its rank count differs), 'fresh' loads the weights only",
-    )
-
-
-class JobSpec(_Strict):
+class JobSpec(Strict):
     # `import` is a Python keyword: the field is `import_`, spelled "import" in JSON both ways.
-    model_config = ConfigDict(**_Strict.model_config, serialize_by_alias=True)
+    model_config = ConfigDict(**Strict.model_config, serialize_by_alias=True)
 
     kind: JobKind = "pipeline"
     name: Text | None = Field(default=None, max_length=200, description="Free-form label")

@@ -35,7 +35,8 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "ncp-model-1"
 # Upstream's phase folders (checkpoint_manager.load_model), in pipeline order.
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a model name (the job spec uses it too)
+_NAME_RE = re.compile(NAME_PATTERN)
 _MODEL_RE = re.compile(r"^model_(\d{6,})\.pt$")
 # Probe texts are cheap in Rust and cost ~20 us each in the Python reference: cap the sample.
 MAX_PROBES = 50_000

@@ -23,10 +23,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
-
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING
 
 from shared.settings import Settings
+
+if TYPE_CHECKING:  # sqlalchemy is imported where the registry is used: `ncp` on a bare GPU box has none
+    from sqlalchemy.orm import Session, sessionmaker
 
 
 def registry_sessions(settings: Settings) -> sessionmaker[Session] | None:
