@@ -373,3 +373,14 @@ class ServeModelResult(BaseModel):
     step: int
     export_dir: str
     published: dict[str, Any] = Field(description="What serving/current.json now holds")
+
+
+class ServeModelQueued(BaseModel):
+    """POST /models/{name}/serve for a checkpoint without a recorded export: the job that exports
+    and then serves it (stages export, serve) runs on the workers; the model is served once it has
+    succeeded."""
+
+    model: str
+    phase: str
+    step: int
+    job: JobPublic = Field(description="The export-and-serve job (follow it at /jobs/{id})")

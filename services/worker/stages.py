@@ -216,23 +216,45 @@ def latest_complete(d: Path) -> bool:
 
 
 def served_name(ctx: StageContext) -> str:
+    """The name the model server answers to: a registered model's own name when the job exports
+    that model's checkpoint (an `init` job that trains nothing, e.g. POST /models/{name}/serve),
+    so GET /models/served and the chat endpoint show the name the registry knows; otherwise a name
+    made from the job's label and id."""
+    chat = stage_inputs(ctx).chat_model
+    if chat is not None:
+        return chat.name
     return f"{ctx.spec.name or 'nanochat'}-{ctx.job_id[:8]}"
+
+
+def _export_dtype(ctx: StageContext) -> str:
+    # fp32 weights when the job runs on CPU (asked for, or "auto" on a machine without a GPU):
+    # CPU serving is exact and bf16 gains nothing there.
+    from shared.nanochat.device import detect_device
+
+    device: str = ctx.spec.hardware.device
+    if device == "auto":
+        device = detect_device("auto").type
+    return "float32" if device == "cpu" else "bfloat16"
 
 
 def stage_export(ctx: StageContext) -> ExportOutputs:
     from shared.nanochat.export import export_model
 
     ckpt, kind, step = _best_checkpoint(ctx)
-    # fp32 weights when the job trained on CPU: CPU serving is exact and bf16 gains nothing there.
-    dtype = "float32" if ctx.spec.hardware.device == "cpu" else "bfloat16"
+    name = served_name(ctx)
     out = export_model(
-        ckpt, step, stage_inputs(ctx).tokenizer_dir, ctx.run.export, served_name=served_name(ctx), dtype=dtype
+        ckpt,
+        step,
+        stage_inputs(ctx).tokenizer_dir,
+        ctx.run.export,
+        served_name=name,
+        dtype=_export_dtype(ctx),
     )
     with session_scope(ctx.sessions) as s:
         registry.record_artifact(s, ctx.job_id, "export", str(out), "export")
     record_job_export(ctx, out, ckpt, kind, step)
     return ExportOutputs(
-        export_dir=str(out), checkpoint_kind=kind, checkpoint_dir=str(ckpt), served_name=served_name(ctx)
+        export_dir=str(out), checkpoint_kind=kind, checkpoint_dir=str(ckpt), served_name=name
     )
 
 
@@ -241,9 +263,11 @@ def stage_serve(ctx: StageContext) -> ServeOutputs:
 
     export = ctx.stage_outputs("export", ExportOutputs)
     export_dir = export.export_dir if export is not None else str(ctx.run.export)
-    published = publish_model(ctx.settings.serving_dir, served_name(ctx), Path(export_dir))
+    # The name the export stage gave the model, so the export's metadata and the pointer agree.
+    name = export.served_name if export is not None else served_name(ctx)
+    published = publish_model(ctx.settings.serving_dir, name, Path(export_dir))
     return ServeOutputs(
-        model=served_name(ctx),
+        model=name,
         export_dir=export_dir,
         published=published,
         inference_url=ctx.settings.inference_url,

@@ -1,6 +1,7 @@
 """GET /models, GET /models/{name}, POST /models/{name}/serve over the real registry (PostgreSQL and
 SQLite) with real files: a tiny model checkpointed, exported and published the way the serve stage
-publishes; and the refusals (no checkpoint, no tokenizer, vocab mismatch, no export)."""
+publishes; the refusals (no checkpoint, no tokenizer, vocab mismatch); and, without an export,
+the export-and-serve job it submits."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from services.api.app import create_app
 from shared.db import model_registry as mr
+from shared.db import registry
 from shared.nanochat.checkpoint import save_checkpoint
 from shared.nanochat.corpus import iter_shard_texts, split_shards
 from shared.nanochat.demo_corpus import write_demo_corpus
@@ -136,14 +138,55 @@ def test_serve_refusals(client, sessions, settings, tiny_run, tmp_path):
         "empty": ("no_checkpoint", "model 'empty' has no base checkpoint"),
         "no-tok": ("no_tokenizer", "model 'no-tok' has no tokenizer"),
         "wrong": ("vocab_mismatch", "has 300 tokens but model 'wrong' (sft step 5) was trained with vocab_size 512"),
-        "no-export": ("no_export", "model 'no-export' has no export of its sft checkpoint at step 5 (no exports recorded)"),
         "ghost": ("model_not_found", "model 'ghost' not found"),
     }  # fmt: skip
     for name, (code, message) in expect.items():
         r = client.post(f"/models/{name}/serve")
         assert r.status_code == (404 if code == "model_not_found" else 409), (name, r.text)
         assert r.json()["error"]["code"] == code and message in r.json()["error"]["message"], r.text
+    with sessions() as s:  # refused before anything was submitted
+        assert registry.list_jobs(s)[0] == []
     assert not (settings.serving_dir / "current.json").exists()  # nothing was published
+
+
+def test_serve_without_an_export_submits_an_export_and_serve_job(client, sessions, settings, tiny_run):
+    """No recorded export of the chosen checkpoint: a 202 with the job that exports and serves it,
+    submitted as POST /jobs submits (the registry row is the job's; the workers run it,
+    tests/platform/test_serve_imported.py follows one to the served model)."""
+    rl = _manifest("with-rl", tiny_run)
+    rl["checkpoints"].append({**rl["checkpoints"][0], "phase": "rl"})
+    with sessions() as s:
+        mr.register_import(s, _manifest("no-export", tiny_run))
+        mr.register_import(s, rl)
+    r = client.post("/models/no-export/serve", json={"step": 5}, headers={"Idempotency-Key": "serve-1"})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    job = body["job"]
+    assert (body["model"], body["phase"], body["step"]) == ("no-export", "sft", 5)
+    assert r.headers["location"] == f"/jobs/{job['id']}"
+    assert [st["name"] for st in job["stages"]] == ["export", "serve"]
+    assert job["kind"] == "pipeline" and job["status"] == "queued"
+    assert job["spec"]["init"] == {"model": "no-export", "phase": "sft", "step": 5}
+    assert (
+        job["spec"]["model"]["vocab_size"] == 300 and job["spec"]["model"]["depth"] == 2
+    )  # the checkpoint's
+    assert client.get(f"/jobs/{job['id']}").json()["spec"] == job["spec"]  # a job like any other
+    # the same key is the same job; the export does not exist yet, so nothing is published
+    again = client.post("/models/no-export/serve", json={"step": 5}, headers={"Idempotency-Key": "serve-1"})
+    assert again.status_code == 202 and again.json()["job"]["id"] == job["id"]
+    assert not (settings.serving_dir / "current.json").exists()
+    # a phase no job exports: still a 409, naming the phase, and no job
+    r = client.post("/models/with-rl/serve", json={"phase": "rl"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "no_export", r.text
+    assert (
+        r.json()["error"]["field"] == "phase" and "exports only base or sft" in r.json()["error"]["message"]
+    )
+    with sessions() as s:
+        assert [j.id for j in registry.list_jobs(s)[0]] == [job["id"]]
+    # the OpenAPI document gives both answers their schemas
+    doc = client.get("/openapi.json").json()["paths"]["/models/{name}/serve"]["post"]["responses"]
+    assert doc["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ServeModelResult")
+    assert doc["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/ServeModelQueued")
 
 
 def test_models_routes_need_the_token(settings):

@@ -1,5 +1,6 @@
 """The model registry's models, and what the inference service serves: the published pointer file,
-the live model list, and choosing the served model (publish.py, the same call the serve stage makes)."""
+the live model list, and choosing the served model (publish.py, the same call the serve stage makes;
+a checkpoint not exported yet is exported and served by a job submitted as POST /jobs submits)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,25 @@ import json
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from services.api.deps import AuthDep, SessionDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError, error_responses
+from services.api.routers.jobs import IdempotencyKey, submit_spec
 from services.api.schemas import (
     ModelPublic,
     ModelsPublic,
     ModelSummaryPublic,
     ServedModels,
+    ServeModelQueued,
     ServeModelRequest,
     ServeModelResult,
 )
 from shared.db import model_registry
+from shared.settings import Settings
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -103,19 +108,42 @@ def _checked_ref(session: Session, name: str, body: ServeModelRequest) -> model_
     return ref
 
 
+# The phases a job can export: the platform trains and exports base and sft checkpoints; an
+# imported model's rl checkpoints are served only through an export made elsewhere.
+EXPORTABLE_PHASES = ("base", "sft")
+
+
 @router.post(
     "/{name}/serve",
     response_model=ServeModelResult,
-    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503),
-    summary="Make this model the served one (its recorded export of the chosen checkpoint)",
+    responses={
+        200: {"description": "The checkpoint had a recorded export: it is published and served now"},
+        202: {
+            "model": ServeModelQueued,
+            "description": "The checkpoint had no recorded export: a job (stages export, serve) was "
+            "submitted that exports it, records the export under the model and publishes it under "
+            "the model's name; follow `job` at /jobs/{id}",
+        },
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+    },
+    summary="Make this model the served one (exporting the chosen checkpoint first when needed)",
+    description="Resolves the checkpoint (`phase`, `step`; default the newest sft, else base) and "
+    "refuses (409) a model without it, without a tokenizer, or whose tokenizer does not fit it. "
+    "With a recorded export of that checkpoint the answer is 200 and the export is published at "
+    "once; without one it is 202 with the job that exports and serves it, submitted as POST /jobs "
+    "submits `{kind: pipeline, init: {model, phase, step}, stages: [export, serve]}` (an "
+    "Idempotency-Key header returns the same job for a repeated request).",
 )
 def serve_model(
     name: ModelName,
+    request: Request,
+    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     _auth: AuthDep,
     body: ServeModelRequest | None = None,
-) -> ServeModelResult:
+    idempotency_key: IdempotencyKey = None,
+) -> ServeModelResult | JSONResponse:
     from services.inference.publish import publish_model
 
     body = body or ServeModelRequest()
@@ -123,14 +151,7 @@ def serve_model(
     model = model_registry.require_model(session, name)
     exports = [e for e in model.exports if (e.phase, e.step) == (ref.phase, ref.step)]
     if not exports:
-        have = [f"{e.phase} step {e.step}" for e in model.exports]
-        raise ApiError(
-            409,
-            "no_export",
-            f"model {name!r} has no export of its {ref.phase} checkpoint at step {ref.step}"
-            + (f" (exports: {', '.join(have)})" if have else " (no exports recorded)")
-            + "; serving needs one: run a job with the export stage",
-        )
+        return _export_then_serve(request, response, session, settings, ref, idempotency_key)
     export = max(exports, key=lambda e: e.created_at)
     try:
         published = publish_model(settings.serving_dir, name, export.path)
@@ -138,4 +159,40 @@ def serve_model(
         raise ApiError(409, "export_unusable", f"model {name!r}: {e}") from e
     return ServeModelResult(
         model=name, phase=ref.phase, step=ref.step, export_dir=export.path, published=published
+    )
+
+
+def _export_then_serve(
+    request: Request,
+    response: Response,
+    session: Session,
+    settings: Settings,
+    ref: model_registry.ModelRef,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    """202 with the job that exports checkpoint `ref` and publishes it under the model's name,
+    submitted through the POST /jobs path (same validation, registry row, enqueue)."""
+    if ref.phase not in EXPORTABLE_PHASES:
+        raise ApiError(
+            409,
+            "no_export",
+            f"model {ref.name!r} has no export of its {ref.phase} checkpoint at step {ref.step}, and a "
+            f"job exports only {' or '.join(EXPORTABLE_PHASES)} checkpoints: export it elsewhere or "
+            "serve another phase",
+            "phase",
+        )
+    spec = {
+        "kind": "pipeline",
+        "name": f"serve {ref.name}",
+        # The resolved step, not "latest": the job exports what this request chose even if a newer
+        # checkpoint lands before it runs.
+        "init": {"model": ref.name, "phase": ref.phase, "step": ref.step},
+        "stages": ["export", "serve"],
+        # It trains nothing: no batch size to check against the model's sequence length.
+        "batch": {"total_batch_size": None},
+    }
+    job = submit_spec(request, response, session, settings, spec, idempotency_key)
+    queued = ServeModelQueued(model=ref.name, phase=ref.phase, step=ref.step, job=job)
+    return JSONResponse(
+        queued.model_dump(mode="json"), status_code=202, headers={"Location": f"/jobs/{job.id}"}
     )
