@@ -2,7 +2,9 @@
 
 `list` prints one line per model (name, source, lineage, vocabulary, newest base/SFT steps,
 exports); `show NAME` everything the registry knows of one model; `serve NAME` makes it the
-served model (POST /models/{name}/serve). `--json` prints the API's answer as it is.
+served model (POST /models/{name}/serve): at once when the checkpoint has an export, else through
+the job the API submits to export it (its id is printed; `--wait` follows it like `ncp jobs watch`).
+`--json` prints the API's answer as it is.
 """
 
 from __future__ import annotations
@@ -104,8 +106,33 @@ def _serve(client: JobsClient, args: argparse.Namespace) -> int:
     r = client.serve_model(args.name, args.phase, args.step)
     if args.json:
         print(json.dumps(r, indent=2))
+    if "job" not in r:  # 200: the checkpoint had an export, published now
+        if not args.json:
+            print(f"serving {r['model']} ({r['phase']} step {r['step']}) from {r['export_dir']}")
         return 0
-    print(f"serving {r['model']} ({r['phase']} step {r['step']}) from {r['export_dir']}")
+    # 202: no export of that checkpoint yet; a job exports it, then serves it
+    job = r["job"]
+    if not args.json:
+        print(
+            f"exporting {r['model']} ({r['phase']} step {r['step']}) first: job {job['id']} "
+            f"(stages: {', '.join(s['name'] for s in job['stages'])}); "
+            + ("following it" if args.wait else f"follow it with `ncp jobs watch {job['id']}`")
+        )
+    if not args.wait:
+        return 0
+    from services.cli.commands.jobs import follow
+
+    # Progress goes to stderr with --json, so stdout stays the API's answer alone.
+    done = follow(client, job["id"], out=sys.stderr if args.json else None)
+    if done["status"] != "succeeded":
+        err = done.get("error") or {}
+        print(
+            f"ncp models: job {job['id']} {done['status']}: {err.get('message') or 'see ncp jobs status'}",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.json:
+        print(f"serving {r['model']} ({r['phase']} step {r['step']})")
     return 0
 
 
@@ -124,9 +151,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=_run(_show))
 
-    sv = sub.add_parser("serve", help="make this model the served one (its recorded export)")
+    sv = sub.add_parser(
+        "serve", help="make this model the served one (its recorded export; else a job exports it first)"
+    )
     sv.add_argument("name")
     sv.add_argument("--phase", choices=["base", "sft", "rl"], help="default: sft when the model has it")
     sv.add_argument("--step", type=int, help="default: the newest checkpoint of the phase")
     sv.add_argument("--json", action="store_true")
+    sv.add_argument(
+        "--wait", action="store_true", help="when a job has to export it first, follow that job to the end"
+    )
     sv.set_defaults(func=_run(_serve))
