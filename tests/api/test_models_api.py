@@ -230,3 +230,24 @@ def test_ncp_models_cli(live_server, db_url, sessions, tiny_run, monkeypatch, ca
         assert f"serving tiny (sft step 5) from {tiny_run / 'export'}" in capsys.readouterr().out
     finally:
         get_settings.cache_clear()
+
+
+def test_plan_of_a_job_on_a_model_sizes_the_checkpoint(client, sessions, tiny_run):
+    """POST /plan takes the init checkpoint's shape, as POST /jobs stores it: not the spec defaults."""
+    from shared.nanochat.sizing import param_breakdown
+
+    with sessions() as s:
+        mr.register_import(s, _manifest("tiny-plan", tiny_run))
+    spec = {
+        "kind": "pretrain",
+        "init": {"model": "tiny-plan", "phase": "sft"},
+        "horizon": {"num_iterations": 10},
+        "hardware": {"gpus": 0, "device": "cpu"},
+        "batch": {"device_batch_size": 1, "total_batch_size": None},
+    }
+    r = client.post("/plan", json=spec)
+    assert r.status_code == 200, r.text
+    assert r.json()["params"] == param_breakdown(TINY)["total"]
+    assert r.json()["num_iterations"] == 10
+    unknown = client.post("/plan", json={**spec, "init": {"model": "no-such-model"}})
+    assert unknown.status_code == 422 and "init.model" in unknown.text

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, Field
 
-from services.api.deps import AuthDep, SettingsDep
+from services.api.deps import AuthDep, SessionDep, SettingsDep
 from services.api.errors import ERROR_RESPONSES as _ERRORS
 from services.api.errors import ApiError, error_responses
+from shared.jobs.init_model import prepare_init_spec
 from shared.jobs.spec import PRESETS, JobCreate, JobSpec
 from shared.nanochat import sizing
 
@@ -134,6 +135,7 @@ def plan_presets(_auth: AuthDep) -> dict[str, dict[str, Any]]:
 )
 def plan_job(
     settings: SettingsDep,
+    session: SessionDep,
     _auth: AuthDep,
     body: Annotated[dict[str, Any], Body()],
     gpu: Annotated[
@@ -146,4 +148,6 @@ def plan_job(
             422, "validation_error", f"gpu {gpu!r} is unknown; known: {sorted(sizing.PEAK_FLOPS)}", "gpu"
         )
     spec = JobCreate.model_validate(body, context={"roots": [settings.home, *settings.data_roots]})
+    # A job on a registered model trains the checkpoint's shape: planned as POST /jobs stores it.
+    spec = prepare_init_spec(session, spec)
     return plan_for(spec, gpu, mfu)
