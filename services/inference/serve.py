@@ -38,6 +38,7 @@ from services.inference.served_state import write_state
 from services.inference.waiting import WaitingServer
 from shared.loopback import is_loopback
 from shared.nanochat.export import check_export
+from shared.parent_death import die_with_parent
 
 log = logging.getLogger("ncp.serve")
 ENGINES = ("auto", "vllm", "native")
@@ -274,8 +275,15 @@ class Supervisor:
         env = dict(os.environ)
         if self.cfg.api_key:
             env.update(VLLM_API_KEY=self.cfg.api_key, NCP_INFERENCE_API_KEY=self.cfg.api_key)
+        # SIGTERM when this supervisor dies, even by -9: vLLM then stops its engine-core processes
+        # itself, and no orphaned server keeps the port from the next supervisor.
         self.child = subprocess.Popen(
-            cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            cmd,
+            start_new_session=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         threading.Thread(target=self._pump, args=(self.child,), daemon=True).start()
         self.current = record

@@ -14,7 +14,6 @@ ranks) when the next attempt starts.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -27,11 +26,11 @@ from typing import IO
 
 from services.worker.follow import FollowConfig, FollowResult, follow
 from shared.jobs.progress_file import Record
+from shared.parent_death import die_with_parent
 from shared.paths import RunPaths
 
 ENTRY_MODULE = "services.train_worker.entry"
 MODES = ("pretrain", "sft")
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -96,14 +95,6 @@ def child_env(cfg: LaunchConfig) -> dict[str, str]:
 
         env.update(visible_devices_env(cfg.gpus))
     return env
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. Linux only; elsewhere the pid file still works.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def group_alive(pgid: int) -> bool:
@@ -225,7 +216,7 @@ def _popen(cmd: list[str], cfg: LaunchConfig, log: IO[bytes]) -> subprocess.Pope
         env=child_env(cfg),
         cwd=str(Path(__file__).resolve().parents[2]),  # repo root: `-m services...` resolves
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent(signal.SIGKILL),
     )
 
 

@@ -79,3 +79,50 @@ def test_health_says_no_model_yet_until_the_first_publish(tiny_run, tmp_path):
         sup.wait(60)
         log.close()
     assert sup.returncode == 0
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_engine_stops_when_the_supervisor_is_killed(tiny_run, tmp_path):
+    """The engine runs in its own process group (stopping it stops its workers), so a supervisor
+    killed with -9 must not leave it behind holding the port: it gets SIGTERM when its parent dies."""
+    port = _free_port()
+    env = dict(os.environ, NCP_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    env.pop("NCP_INFERENCE_API_KEY", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.inference.serve", "--engine", "native", "--port", str(port),
+         "--host", "127.0.0.1", "--model", str(tiny_run["export_dir"])],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait(lambda: (r := _get(f"http://127.0.0.1:{port}/v1/models")) is not None and r.status_code == 200,
+              what="the supervised native server")  # fmt: skip
+        engines = _children(proc.pid)
+        assert len(engines) == 1, engines
+        proc.kill()  # the supervisor alone, -9: no handler of its own runs
+        proc.wait(30)
+        _wait(lambda: not _alive(engines[0]), 60, what=f"engine {engines[0]} to stop with its supervisor")
+        _wait(lambda: _get(f"http://127.0.0.1:{port}/health") is None, 30, what="the port to close")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
