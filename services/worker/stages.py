@@ -18,10 +18,10 @@ from typing import Any
 
 from services.worker.context import StageContext, StageError, StageFn
 from services.worker.import_stage import stage_import
-from services.worker.inputs import file_lock, shared_dataset, stage_inputs
+from services.worker.inputs import file_lock, init_models, shared_dataset, stage_inputs
 from services.worker.models import record_job_export
 from services.worker.training import stage_pretrain, stage_sft
-from shared.db import registry
+from shared.db import model_registry, registry
 from shared.db.session import session_scope
 from shared.jobs.stage_outputs import (
     DataOutputs,
@@ -258,13 +258,41 @@ def stage_export(ctx: StageContext) -> ExportOutputs:
     )
 
 
+def _export_to_publish(ctx: StageContext) -> tuple[str, str]:
+    """(export folder, served name) for the serve stage: what this job's export stage wrote; else,
+    for a job on a registered model, that model's recorded export of the checkpoint the job reads;
+    else the parent job's export. The name is the one the export was made with, so the export's
+    metadata and the published pointer agree."""
+    export = ctx.stage_outputs("export", ExportOutputs)
+    if export is not None:
+        return export.export_dir, export.served_name
+    chat = init_models(ctx).get("chat")
+    if chat is not None:
+        with session_scope(ctx.sessions) as s:
+            found = [
+                e
+                for e in model_registry.require_model(s, chat.name).exports
+                if (e.phase, e.step) == (chat.phase, chat.step)
+            ]
+            path = str(max(found, key=lambda e: e.created_at).path) if found else None
+        if path is None:
+            raise StageError(
+                "no_export",
+                f"model {chat.name!r} has no export of its {chat.phase} checkpoint at step {chat.step}: "
+                f"add the 'export' stage before 'serve' (or POST /models/{chat.name}/serve)",
+            )
+        return path, chat.name
+    if ctx.spec.parent_job_id is not None:
+        parent = ctx.stage_outputs("export", ExportOutputs, job_id=ctx.spec.parent_job_id)
+        if parent is not None:
+            return parent.export_dir, parent.served_name
+    return str(ctx.run.export), served_name(ctx)
+
+
 def stage_serve(ctx: StageContext) -> ServeOutputs:
     from services.inference.publish import publish_model
 
-    export = ctx.stage_outputs("export", ExportOutputs)
-    export_dir = export.export_dir if export is not None else str(ctx.run.export)
-    # The name the export stage gave the model, so the export's metadata and the pointer agree.
-    name = export.served_name if export is not None else served_name(ctx)
+    export_dir, name = _export_to_publish(ctx)
     published = publish_model(ctx.settings.serving_dir, name, Path(export_dir))
     return ServeOutputs(
         model=name,

@@ -155,8 +155,20 @@ def test_an_imported_run_is_served_with_one_api_call(upstream_dir, stack, procs,
     assert (r.json()["model"], r.json()["export_dir"]) == (NAME, export_dir) and "job" not in r.json()
     assert len(api.get("/jobs").json()["data"]) == 1
 
+    # A job on the model with the serve stage alone publishes the model's recorded export.
+    job = api.post("/jobs", json={"kind": "pipeline", "init": {"model": NAME}, "stages": ["serve"]}).json()
+    _job_done(sessions, waiter, procs, job["id"])
+    outputs = {st["name"]: st["outputs"] for st in api.get(f"/jobs/{job['id']}").json()["stages"]}
+    assert (outputs["serve"]["model"], outputs["serve"]["export_dir"]) == (NAME, export_dir), outputs
+
     # The CLI: a second model, exported by the job `ncp models serve --wait` follows to the end.
     assert ncp(["import", "nanochat", str(upstream_dir), "--name", "up-cli"]) == 0
+    # Before that, serve alone has no export of it to publish: the job fails saying what to add.
+    job = api.post(
+        "/jobs", json={"kind": "pipeline", "init": {"model": "up-cli"}, "stages": ["serve"]}
+    ).json()
+    with pytest.raises(AssertionError, match="no export of its base checkpoint at step 3"):
+        _job_done(sessions, waiter, procs, job["id"])
     capsys.readouterr()
     assert ncp(["models", "serve", "up-cli", "--wait"]) == 0
     said = capsys.readouterr().out
