@@ -1,6 +1,6 @@
 # Training worker for NVIDIA GPUs: the official PyTorch CUDA runtime image, its own torch kept.
 # Build from the repository root: docker build -f docker/train-cuda.Dockerfile -t nanochat/train-cuda .
-ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime@sha256:6acf597eeb8e376a96580dde4952f37cc017fef732bb40bfc73f28f25e3f64b4
 ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 FROM ${PYTHON_IMAGE} AS reqs

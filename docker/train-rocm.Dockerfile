@@ -1,6 +1,6 @@
 # Training worker for AMD Instinct MI300X (gfx942): AMD's PyTorch ROCm image, its own torch kept.
 # Build from the repository root: docker build -f docker/train-rocm.Dockerfile -t nanochat/train-rocm .
-ARG BASE_IMAGE=rocm/pytorch:rocm7.2.4_ubuntu24.04_py3.12_pytorch_release_2.10.0
+ARG BASE_IMAGE=rocm/pytorch:rocm7.2.4_ubuntu24.04_py3.12_pytorch_release_2.10.0@sha256:4449f856653602317e4101a76fce599c7fcd58ccec2e539951fce5f73083179e
 ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm@sha256:32ffca7ec9a31f97cbb49393da184d0a9360a07f72a52b69cee342e96ebc4f98
 
 FROM ${PYTHON_IMAGE} AS reqs
