@@ -115,3 +115,28 @@ def submit(sessions):
         return job.id
 
     return _submit
+
+
+@pytest.fixture
+def job_succeeds(sessions, procs):
+    """job_succeeds(job_id, timeout, *logs): wait until the job ends; unless it succeeded, fail
+    with each stage's status and error and the tail of the named worker logs."""
+
+    def _wait(job_id: str, timeout: float, *logs: str) -> None:
+        from shared.db import registry
+        from shared.db.models import TERMINAL_STATUSES
+        from shared.db.session import session_scope
+
+        def finished() -> str | None:
+            with session_scope(sessions) as s:
+                status = registry.get_job(s, job_id).status
+            return status if status in TERMINAL_STATUSES else None
+
+        status = wait_for(finished, timeout, 0.3, what=f"job {job_id}")
+        if status != "succeeded":
+            with session_scope(sessions) as s:
+                detail = {st.name: (st.status, st.error) for st in registry.get_job(s, job_id).stages}
+            tails = "".join(f"\n{procs.log(name)[-3000:]}" for name in logs)
+            raise AssertionError(f"{job_id} {status}: {detail}{tails}")
+
+    return _wait

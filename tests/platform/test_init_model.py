@@ -74,22 +74,6 @@ def api(platform_env):
         yield client
 
 
-def _wait_done(sessions, waiter, job_id, procs):
-    def finished():
-        with session_scope(sessions) as s:
-            job = registry.get_job(s, job_id)
-            return job.status if job.status in ("succeeded", "failed", "cancelled") else None
-
-    status = waiter(finished, 300, 0.5, what=f"job {job_id}")
-    if status != "succeeded":
-        with session_scope(sessions) as s:
-            job = registry.get_job(s, job_id)
-            detail = {st.name: (st.status, st.error) for st in job.stages}
-        raise AssertionError(
-            f"{job_id} {status}: {detail}\n{procs.log('train')[-3000:]}\n{procs.log('data-eval')[-3000:]}"
-        )
-
-
 def _events(sessions, job_id, type_):
     with session_scope(sessions) as s:
         return [e for e in registry.list_events(s, job_id, limit=1000) if e.type == type_]
@@ -101,7 +85,7 @@ def _post(api, spec: dict) -> dict:
     return resp.json()
 
 
-def test_jobs_start_from_an_imported_nanochat_run(upstream_dir, api, procs, sessions, waiter):
+def test_jobs_start_from_an_imported_nanochat_run(upstream_dir, api, procs, sessions, job_succeeds):
     assert ncp(["import", "nanochat", str(upstream_dir), "--name", "upstream-d2"]) == 0
     with session_scope(sessions) as s:
         ref = mr.resolve_checkpoint(s, "upstream-d2", "base", None)
@@ -130,7 +114,7 @@ def test_jobs_start_from_an_imported_nanochat_run(upstream_dir, api, procs, sess
     evaluated = _post(api, {**JOB, "kind": "eval", "init": {"model": "upstream-d2"}})
     tuned = _post(api, {**JOB, "kind": "sft", "init": {"model": "upstream-d2"}})
     for job in (saved, fresh, evaluated, tuned):
-        _wait_done(sessions, waiter, job["id"], procs)
+        job_succeeds(job["id"], 300, "train", "data-eval")
 
     (init_saved,) = _events(sessions, saved["id"], "init")
     assert init_saved.message == (

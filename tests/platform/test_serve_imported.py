@@ -18,7 +18,6 @@ import pytest
 from services.cli.main import main as ncp
 from services.inference.publish import read_current
 from shared.db import model_registry as mr
-from shared.db import registry
 from shared.db.session import session_scope
 from shared.settings import get_settings
 from tests.api.conftest import LiveServer
@@ -68,19 +67,6 @@ def stack(platform_env, procs, monkeypatch):
     get_settings.cache_clear()
 
 
-def _job_done(sessions, waiter, procs, job_id: str) -> None:
-    def finished():
-        with session_scope(sessions) as s:
-            job = registry.get_job(s, job_id)
-            return job.status if job.status in ("succeeded", "failed", "cancelled") else None
-
-    status = waiter(finished, 180, 0.3, what=f"job {job_id}")
-    if status != "succeeded":
-        with session_scope(sessions) as s:
-            detail = {st.name: (st.status, st.error) for st in registry.get_job(s, job_id).stages}
-        raise AssertionError(f"{job_id} {status}: {detail}\n{procs.log('eval')[-3000:]}")
-
-
 def _served_as(url: str, name: str) -> bool:
     try:
         r = httpx.get(f"{url}/v1/models", timeout=2)
@@ -108,7 +94,9 @@ def _reference_completion(upstream_dir, checkpoint_dir, step: int) -> tuple[list
     return ids, enc.decode([t for t in seqs[0][len(ids) :] if t not in specials])
 
 
-def test_an_imported_run_is_served_with_one_api_call(upstream_dir, stack, procs, sessions, waiter, capsys):
+def test_an_imported_run_is_served_with_one_api_call(
+    upstream_dir, stack, procs, sessions, waiter, job_succeeds, capsys
+):
     assert ncp(["import", "nanochat", str(upstream_dir), "--name", NAME]) == 0
     api = httpx.Client(base_url=stack["api"], timeout=30)
 
@@ -118,7 +106,7 @@ def test_an_imported_run_is_served_with_one_api_call(upstream_dir, stack, procs,
     queued = r.json()
     assert (queued["model"], queued["phase"], queued["step"]) == (NAME, "base", 3)
     job_id = queued["job"]["id"]
-    _job_done(sessions, waiter, procs, job_id)
+    job_succeeds(job_id, 180, "eval")
 
     # The export is recorded under the model and the pointer names the model, not the job.
     model = api.get(f"/models/{NAME}").json()
@@ -157,7 +145,7 @@ def test_an_imported_run_is_served_with_one_api_call(upstream_dir, stack, procs,
 
     # A job on the model with the serve stage alone publishes the model's recorded export.
     job = api.post("/jobs", json={"kind": "pipeline", "init": {"model": NAME}, "stages": ["serve"]}).json()
-    _job_done(sessions, waiter, procs, job["id"])
+    job_succeeds(job["id"], 180, "eval")
     outputs = {st["name"]: st["outputs"] for st in api.get(f"/jobs/{job['id']}").json()["stages"]}
     assert (outputs["serve"]["model"], outputs["serve"]["export_dir"]) == (NAME, export_dir), outputs
 
@@ -168,7 +156,7 @@ def test_an_imported_run_is_served_with_one_api_call(upstream_dir, stack, procs,
         "/jobs", json={"kind": "pipeline", "init": {"model": "up-cli"}, "stages": ["serve"]}
     ).json()
     with pytest.raises(AssertionError, match="no export of its base checkpoint at step 3"):
-        _job_done(sessions, waiter, procs, job["id"])
+        job_succeeds(job["id"], 180, "eval")
     capsys.readouterr()
     assert ncp(["models", "serve", "up-cli", "--wait"]) == 0
     said = capsys.readouterr().out
