@@ -269,12 +269,10 @@ def _export_to_publish(ctx: StageContext) -> tuple[str, str]:
     chat = init_models(ctx).get("chat")
     if chat is not None:
         with session_scope(ctx.sessions) as s:
-            found = [
-                e
-                for e in model_registry.require_model(s, chat.name).exports
-                if (e.phase, e.step) == (chat.phase, chat.step)
-            ]
-            path = str(max(found, key=lambda e: e.created_at).path) if found else None
+            recorded = model_registry.newest_export(
+                model_registry.require_model(s, chat.name), chat.phase, chat.step
+            )
+            path = str(recorded.path) if recorded is not None else None
         if path is None:
             raise StageError(
                 "no_export",

@@ -291,6 +291,12 @@ def refresh_checkpoints(session: Session, name: str, phases: Iterable[str] = MOD
     raise AssertionError("unreachable")
 
 
+def newest_export(model: Model, phase: str, step: int) -> ModelExport | None:
+    """The most recent recorded export of checkpoint (`phase`, `step`) of `model`, or None."""
+    found = [e for e in model.exports if (e.phase, e.step) == (phase, step)]
+    return max(found, key=lambda e: e.created_at) if found else None
+
+
 def record_export(
     session: Session,
     name: str,

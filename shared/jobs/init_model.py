@@ -174,8 +174,9 @@ def check_tokenizer_fits(ref: ModelRef) -> int:
     check_vocab_fits(
         Tokenizer.load(ref.tokenizer_dir),
         vocab,
-        tokenizer_name=f"{ref.tokenizer_dir} (of model {ref.name!r})",
-        model_name=describe(ref),
+        tokenizer_name=f"{ref.tokenizer_dir} of model {ref.name!r}",
+        # check_vocab_fits says "model <model_name>": the name and checkpoint, not describe()'s "model ...".
+        model_name=f"{ref.name!r} ({ref.phase} step {ref.step})",
     )
     return vocab
 

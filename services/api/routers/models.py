@@ -74,7 +74,8 @@ def get_model(name: ModelName, session: SessionDep, _auth: AuthDep) -> ModelPubl
 
 def _checked_ref(session: Session, name: str, body: ServeModelRequest) -> model_registry.ModelRef:
     """The checkpoint to serve, refused (409) without a checkpoint, a tokenizer or matching vocabularies."""
-    from shared.nanochat.tokenizer import Tokenizer, check_vocab_fits
+    from shared.jobs.init_model import check_tokenizer_fits
+    from shared.nanochat.tokenizer import TokenizerMismatch
 
     model = model_registry.require_model(session, name)
     phase = body.phase or ("sft" if model_registry.steps(model, "sft") else "base")
@@ -88,23 +89,12 @@ def _checked_ref(session: Session, name: str, body: ServeModelRequest) -> model_
             "no_tokenizer",
             f"model {name!r} has no tokenizer (imported without one): it cannot be served",
         )
-    meta_path = ref.checkpoint_dir / f"meta_{ref.step:06d}.json"
     try:
-        vocab = json.loads(meta_path.read_text(encoding="utf-8"))["model_config"]["vocab_size"]
-        tok = Tokenizer.load(ref.tokenizer_dir)
-    except (
-        Exception
-    ) as e:  # unreadable meta, a tokenizer folder `tokenizers` cannot load: both the files' fault
-        raise ApiError(409, "model_files_unusable", f"model {name!r}: {type(e).__name__}: {e}") from e
-    try:
-        check_vocab_fits(
-            tok,
-            int(vocab),
-            tokenizer_name=f"{ref.tokenizer_dir} of model {name!r}",
-            model_name=f"{name!r} ({ref.phase} step {ref.step})",
-        )
-    except ValueError as e:
+        check_tokenizer_fits(ref)
+    except TokenizerMismatch as e:
         raise ApiError(409, "vocab_mismatch", str(e)) from e
+    except Exception as e:  # unreadable meta or tokenizer folder: the files' fault, not the request's
+        raise ApiError(409, "model_files_unusable", f"model {name!r}: {type(e).__name__}: {e}") from e
     return ref
 
 
@@ -149,10 +139,9 @@ def serve_model(
     body = body or ServeModelRequest()
     ref = _checked_ref(session, name, body)
     model = model_registry.require_model(session, name)
-    exports = [e for e in model.exports if (e.phase, e.step) == (ref.phase, ref.step)]
-    if not exports:
+    export = model_registry.newest_export(model, ref.phase, ref.step)
+    if export is None:
         return _export_then_serve(request, response, session, settings, ref, idempotency_key)
-    export = max(exports, key=lambda e: e.created_at)
     try:
         published = publish_model(settings.serving_dir, name, export.path)
     except (FileNotFoundError, ValueError) as e:
