@@ -34,7 +34,7 @@ from services.worker.inputs import init_models
 from services.worker.stages import STAGE_FUNCTIONS
 from shared.db import registry
 from shared.db.models import Job
-from shared.db.outage import wait_out_outage
+from shared.db.outage import is_outage, wait_out_outage
 from shared.db.session import session_scope
 from shared.jobs.spec import JobSpec
 from shared.jobs.stages import FINAL_STAGE, first_unfinished, job_stages, next_stage
@@ -120,6 +120,15 @@ def run_stage(
             why = str(e)
             return record("the interruption", lambda: _interrupted(sessions, job_id, stage, worker_id, why))
         except Exception as e:  # every failure ends up in the registry, named
+            if is_outage(e):
+                # The registry went away under the stage (a Postgres restart or failover): nothing
+                # is wrong with the job. Like a signalled stage it is released, not failed, and the
+                # reconciler sends it again (stages are idempotent); recording that waits the outage out.
+                why = f"the registry was unreachable ({error_text(e)})"
+                log.warning("job %s stage %s: %s; it will run again", job_id, stage, why)
+                return record(
+                    "the interruption", lambda: _interrupted(sessions, job_id, stage, worker_id, why)
+                )
             code = e.code if isinstance(e, StageError) else "stage_failed"
             log.error("job %s stage %s failed:\n%s", job_id, stage, traceback.format_exc())
             message = error_text(e)

@@ -97,3 +97,50 @@ def test_training_survives_a_registry_outage(private_pg, procs, sessions, submit
     log = (run_paths(get_settings().runs_dir, job_id).logs / "pretrain.log").read_text()
     assert log.count("launching:") == 1
     assert "registry unreachable" in procs.log("train")  # the outage was seen, and survived
+
+
+def test_a_stage_that_loses_the_registry_runs_again_instead_of_failing(
+    private_pg, sessions, submit, make_spec
+):
+    """A Postgres restart while a non-training stage reads the registry (seen in the compose e2e:
+    base_eval failed the job with 'registry error: OperationalError'): the stage is released as
+    interrupted, for the reconciler to send again, and neither it nor the job fails."""
+    import threading
+
+    from services.worker import pipeline
+    from shared.settings import get_settings
+
+    job_id = submit(make_spec(stages=["data", "tokenizer"]), enqueue=False)
+
+    def run(stage: str) -> str:
+        return pipeline.run_stage(
+            job_id,
+            stage,
+            settings=get_settings(),
+            sessions=sessions,
+            worker_id="test-worker",
+            enqueue=lambda *_: None,
+        )
+
+    assert run("data") == "ran"
+    # The tokenizer stage's first registry read (the data stage's outputs) meets the outage.
+    real_stage = pipeline.STAGE_FUNCTIONS["tokenizer"]
+
+    def stage_during_an_outage(ctx):
+        private_pg.stop()  # the real server goes away while the stage runs
+        threading.Timer(3.0, private_pg.start).start()  # and comes back, so the result can be recorded
+        return real_stage(ctx)
+
+    pipeline.STAGE_FUNCTIONS["tokenizer"] = stage_during_an_outage
+    try:
+        out = run("tokenizer")
+    finally:
+        pipeline.STAGE_FUNCTIONS["tokenizer"] = real_stage
+    assert out == "interrupted"
+    with session_scope(sessions) as s:
+        job = registry.get_job(s, job_id)
+        stage = registry.get_stage(s, job_id, "tokenizer")
+        events = registry.list_events(s, job_id, limit=100)
+    assert job.status not in ("failed",) and stage.status != "failed", (job.status, stage.status, stage.error)
+    interrupted = [e.message for e in events if e.type == "interrupted"]
+    assert interrupted and "registry was unreachable" in interrupted[0], [e.message for e in events]
